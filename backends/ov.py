@@ -1,0 +1,100 @@
+"""OpenVINO on the CPU.
+
+OpenVINO picks bf16 by itself on CPUs with avx512_bf16/AMX, which moves outputs by ~1e-3; a model
+asks for fp32 unless its config says otherwise, so `INFERENCE_PRECISION_HINT` is always set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .base import CompileFailed, CompileOptions
+
+HINTS = {"fp32": "f32", "fp16": "f16"}
+
+
+def _cpu_supports(capability: str) -> bool:
+    import openvino as ov
+
+    return capability in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def precision_hint(precision: str, extra: dict) -> str:
+    """The CPU's inference precision for a model precision (an explicit hint in extra wins)."""
+    if "inference_precision" in extra:
+        return str(extra["inference_precision"])
+    if precision == "fp16" and not _cpu_supports("FP16"):
+        # No native fp16 arithmetic on this CPU: fp16 weights, bf16 compute when there is bf16.
+        return "bf16" if _cpu_supports("BF16") else "f32"
+    return HINTS.get(precision, "f32")
+
+
+class OpenVinoRunner:
+    def __init__(self, compiled):
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        self.output_names = [out.get_any_name() for out in compiled.outputs]
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.request.infer(inputs)
+        # The request reuses its output buffers: copy before the next call overwrites them.
+        return {
+            name: self.request.get_output_tensor(i).data.copy() for i, name in enumerate(self.output_names)
+        }
+
+    def close(self) -> None:
+        self.request = None
+        self.compiled = None
+
+
+class OpenVinoBackend:
+    name = "openvino"
+    source_formats = ("onnx", "pt2")
+    precisions = ("fp32", "fp16")
+
+    def version(self) -> str:
+        import openvino as ov
+
+        return ov.get_version()
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import openvino as ov
+        except ImportError as err:
+            return False, f"openvino is not installed ({err})"
+        devices = ov.Core().available_devices
+        if "CPU" not in devices:
+            return False, f"OpenVINO sees no CPU device (devices: {devices})"
+        return True, f"openvino {ov.get_version()}, devices {devices}"
+
+    def compile(self, source: Path, options: CompileOptions, workdir: Path) -> Path:
+        import openvino as ov
+
+        if options.precision not in self.precisions:
+            raise CompileFailed(f"openvino: precision '{options.precision}' is not supported")
+        try:
+            if source.suffix == ".pt2":
+                import torch
+
+                model = ov.convert_model(torch.export.load(str(source)))
+            else:
+                model = ov.convert_model(str(source))
+        except Exception as err:
+            raise CompileFailed(f"openvino could not convert {source.name}: {err}") from err
+        artifact = workdir / "model.xml"
+        # save_model compresses weights to fp16 by default; keep fp32 unless fp16 was asked for.
+        ov.save_model(model, str(artifact), compress_to_fp16=options.precision == "fp16")
+        return artifact
+
+    def load(self, artifact: Path, options: CompileOptions) -> OpenVinoRunner:
+        import openvino as ov
+
+        config = {
+            "INFERENCE_PRECISION_HINT": precision_hint(options.precision, options.extra),
+            "PERFORMANCE_HINT": str(options.extra.get("performance_hint", "LATENCY")),
+            "INFERENCE_NUM_THREADS": int(options.extra.get("threads", 1)),
+        }
+        compiled = ov.Core().compile_model(str(artifact), "CPU", config)
+        return OpenVinoRunner(compiled)

@@ -1,0 +1,1 @@
+"""Kiln optimization toolkit: training, pruning, quantization, distillation, search (needs the torch extra)."""

@@ -1,0 +1,150 @@
+"""Model configuration (`model_repo/<model>/config.yaml`), validated by pydantic at load."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .datatypes import V2_TO_NUMPY
+from .errors import ConfigError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TensorSpec(_Strict):
+    name: str
+    datatype: str
+    # Full shape, batch dimension included; -1 marks a variable dimension.
+    shape: list[int]
+
+    @field_validator("datatype")
+    @classmethod
+    def _known_datatype(cls, v: str) -> str:
+        if v not in V2_TO_NUMPY and v != "BF16":
+            raise ValueError(f"unknown datatype '{v}' (one of {', '.join(V2_TO_NUMPY)})")
+        return v
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, v: list[int]) -> list[int]:
+        if any(d < -1 or d == 0 for d in v):
+            raise ValueError("dimensions are positive integers or -1 (variable)")
+        return v
+
+
+class DynamicBatching(_Strict):
+    max_queue_delay_ms: float = Field(2.0, ge=0, le=10_000)
+    preferred_batch_sizes: list[int] = Field(default_factory=list)
+    max_queue_size: int = Field(1024, ge=1)
+
+
+class VerifySpec(_Strict):
+    atol: float = Field(1e-4, ge=0)
+    rtol: float = Field(1e-3, ge=0)
+    # .npz with one array per input name (or a single array for a single-input model).
+    samples: str | None = None
+    max_samples: int = Field(64, ge=1)
+
+
+class AccuracySpec(_Strict):
+    dataset: str
+    metric: Literal["top1"] = "top1"
+    max_drop: float = Field(0.01, ge=0, le=1)
+    label_key: str = "label"
+    # Fail the model when its own accuracy is below this, whatever the reference does.
+    min_accuracy: float | None = Field(None, ge=0, le=1)
+
+
+class VersionPolicy(_Strict):
+    latest: int | None = Field(1, ge=1)
+    all: bool = False
+    specific: list[int] | None = None
+
+
+class ModelConfig(_Strict):
+    name: str | None = None
+    backend: str = "onnxruntime"
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    # Tried in order when compile or a gate fails: "openvino", "fp16", or "openvino:int8".
+    fallback: list[str] = Field(default_factory=list)
+    # Folder (relative to the model folder) whose numeric sub-folders hold the sources;
+    # lets two configs serve one source through different backends.
+    source: str | None = None
+    max_batch_size: int = Field(0, ge=0)
+    dynamic_batching: DynamicBatching | None = None
+    instances: int = Field(1, ge=1, le=64)
+    inputs: list[TensorSpec] | None = None
+    outputs: list[TensorSpec] | None = None
+    verify: VerifySpec = Field(default_factory=VerifySpec)
+    accuracy: AccuracySpec | None = None
+    version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
+    # Free-form knobs passed to the backend (threads, device, ...).
+    backend_options: dict[str, Any] = Field(default_factory=dict)
+    # Optional class labels file (one per line) for the classification extension.
+    labels: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str | None) -> str | None:
+        if v is not None and not NAME_RE.match(v):
+            raise ValueError("model names use letters, digits, '_', '-', '.' and do not start with '.'")
+        return v
+
+    @field_validator("fallback")
+    @classmethod
+    def _fallback_entries(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            backend, _, precision = entry.partition(":")
+            if precision and precision not in PRECISIONS:
+                raise ValueError(f"fallback entry '{entry}': precision must be one of {PRECISIONS}")
+            if not backend:
+                raise ValueError(f"fallback entry '{entry}' is empty")
+        return v
+
+    @model_validator(mode="after")
+    def _batch_dims(self) -> "ModelConfig":
+        if self.max_batch_size > 0:
+            for spec in (self.inputs or []) + (self.outputs or []):
+                if not spec.shape or spec.shape[0] != -1:
+                    raise ValueError(
+                        f"tensor '{spec.name}': with max_batch_size > 0 the first dimension is the batch and must be -1"
+                    )
+        return self
+
+
+def format_validation_error(path: Path, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"{path}: field '{loc}': {e['msg']}")
+    return "; ".join(lines)
+
+
+def parse_config(data: Any, path: Path) -> ModelConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return ModelConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(path, err)) from None
+
+
+def load_config(path: Path) -> ModelConfig:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    return parse_config(data, path)

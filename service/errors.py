@@ -1,0 +1,40 @@
+"""Errors that map to an HTTP status and a v2 `{"error": ...}` body."""
+
+
+class KilnError(Exception):
+    status = 500
+    outcome = "server_error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(KilnError):
+    status = 400
+    outcome = "client_error"
+
+
+class NotFound(KilnError):
+    status = 404
+    outcome = "client_error"
+
+
+class PayloadTooLarge(KilnError):
+    status = 413
+    outcome = "client_error"
+
+
+class Unavailable(KilnError):
+    """Model not ready, server draining, or queue full: the client may retry."""
+
+    status = 503
+    outcome = "rejected"
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ConfigError(Exception):
+    """A config file that does not validate; the message names the file and the field."""

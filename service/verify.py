@@ -1,0 +1,151 @@
+"""The gates a compiled model passes before READY: parity with the source, and accuracy.
+
+Reference = ONNX Runtime FP32 on the CPU over the ONNX source (torch.export's program when the
+model has only a `.pt2`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from backends import TensorInfo
+
+from .datatypes import numpy_dtype
+
+
+@dataclass
+class OutputParity:
+    output: str
+    max_abs_error: float
+    max_rel_error: float
+    passed: bool
+
+
+@dataclass
+class ParityResult:
+    passed: bool
+    samples: int
+    atol: float
+    rtol: float
+    outputs: list[OutputParity] = field(default_factory=list)
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_npz_inputs(path: Path, inputs: list[TensorInfo], limit: int | None = None) -> dict[str, np.ndarray]:
+    """Arrays for each input from an .npz: by input name, or the only/first array for one input."""
+    with np.load(path, allow_pickle=False) as data:
+        keys = list(data.keys())
+        out = {}
+        for spec in inputs:
+            if spec.name in keys:
+                arr = data[spec.name]
+            elif len(inputs) == 1 and keys:
+                arr = data["x" if "x" in keys else keys[0]]
+            else:
+                raise ValueError(f"{path}: no array for input '{spec.name}' (arrays: {keys})")
+            out[spec.name] = np.ascontiguousarray(arr[:limit] if limit else arr).astype(numpy_dtype(spec.datatype), copy=False)
+    return out
+
+
+def generate_inputs(inputs: list[TensorInfo], batch: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
+    """Golden inputs from the spec when the config names no samples: variable dims become small."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for spec in inputs:
+        shape = tuple(batch if (i == 0 and d == -1) else (d if d > 0 else 4) for i, d in enumerate(spec.shape))
+        dtype = numpy_dtype(spec.datatype)
+        if dtype.kind == "f":
+            out[spec.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind == "b":
+            out[spec.name] = rng.integers(0, 2, shape).astype(bool)
+        elif dtype.kind in "iu":
+            out[spec.name] = rng.integers(0, 8, shape).astype(dtype)
+        else:
+            out[spec.name] = np.array([b"kiln"] * int(np.prod(shape)), dtype=object).reshape(shape)
+    return out
+
+
+def compare(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], atol: float, rtol: float,
+            samples: int) -> ParityResult:
+    result = ParityResult(passed=True, samples=samples, atol=atol, rtol=rtol)
+    for name, ref in expected.items():
+        if name not in actual:
+            result.passed = False
+            result.reason = f"output '{name}' missing from the compiled model"
+            continue
+        got = np.asarray(actual[name])
+        if got.shape != ref.shape:
+            result.passed = False
+            result.reason = f"output '{name}': shape {list(got.shape)} != reference {list(ref.shape)}"
+            continue
+        if ref.dtype.kind in "fc" or got.dtype.kind in "fc":
+            r = ref.astype(np.float64)
+            diff = np.abs(got.astype(np.float64) - r)
+            max_abs = float(diff.max()) if diff.size else 0.0
+            max_rel = float((diff / np.maximum(np.abs(r), 1e-12)).max()) if diff.size else 0.0
+            ok = bool(np.all(diff <= atol + rtol * np.abs(r))) and bool(np.all(np.isfinite(got) == np.isfinite(r)))
+        else:
+            ok = bool(np.array_equal(got, ref))
+            max_abs = 0.0 if ok else float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max())
+            max_rel = max_abs
+        result.outputs.append(OutputParity(name, max_abs, max_rel, ok))
+        if not ok:
+            result.passed = False
+            result.reason = (
+                f"output '{name}': max abs error {max_abs:.3g}, max rel error {max_rel:.3g} "
+                f"exceed atol {atol:g} + rtol {rtol:g}"
+            )
+    return result
+
+
+def run_batched(infer, inputs: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """Run a whole dataset through `infer` in batches (batch <= 0: one call)."""
+    n = len(next(iter(inputs.values())))
+    if batch <= 0 or n <= batch:
+        return infer(inputs)
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, n, batch):
+        out = infer({k: v[start:start + batch] for k, v in inputs.items()})
+        for k, v in out.items():
+            parts.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(logits.reshape(len(labels), -1), axis=1) == labels))
+
+
+class Reference:
+    """FP32 execution of the source, the yardstick of every gate."""
+
+    def __init__(self, sources: dict[str, Path]):
+        if "onnx" in sources:
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            self._session = ort.InferenceSession(str(sources["onnx"]), so, providers=["CPUExecutionProvider"])
+            self._names = [o.name for o in self._session.get_outputs()]
+            self.kind = "onnxruntime-fp32"
+        else:
+            import torch
+
+            self._module = torch.export.load(str(sources["pt2"])).module()
+            self.kind = "torch-fp32"
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.kind == "onnxruntime-fp32":
+            return dict(zip(self._names, self._session.run(self._names, inputs)))
+        import torch
+
+        with torch.no_grad():
+            out = self._module(*(torch.from_numpy(np.ascontiguousarray(v)) for v in inputs.values()))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return {f"output_{i}": o.numpy() for i, o in enumerate(outs)}
