@@ -142,6 +142,18 @@ def _print_result(mv, runs: int) -> bool:
     return mv.state != "READY"
 
 
+def _register_optimize() -> None:
+    """`kiln optimize ...` lives in the optimize package (torch extra); its CLI imports torch lazily."""
+    try:
+        from optimize.cli import app as optimize_app
+    except ImportError:
+        return
+    app.add_typer(optimize_app, name="optimize")
+
+
+_register_optimize()
+
+
 def main() -> None:  # pragma: no cover
     app()
 
