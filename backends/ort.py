@@ -45,13 +45,21 @@ def session_options(extra: dict, optimized_path: Path | None = None):
     return so
 
 
+def ort_strings(arr: np.ndarray) -> np.ndarray:
+    """ONNX Runtime string tensors take str objects; v2 BYTES arrive as bytes."""
+    if arr.dtype != object:
+        return arr
+    return np.vectorize(lambda b: b.decode("utf-8", "surrogateescape") if isinstance(b, bytes) else b,
+                        otypes=[object])(arr)
+
+
 class OnnxRuntimeRunner:
     def __init__(self, session):
         self.session = session
         self.output_names = [o.name for o in session.get_outputs()]
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = self.session.run(self.output_names, inputs)
+        results = self.session.run(self.output_names, {k: ort_strings(v) for k, v in inputs.items()})
         return dict(zip(self.output_names, results))
 
     def close(self) -> None:

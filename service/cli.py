@@ -34,12 +34,12 @@ def setup_logging(level: str) -> None:
 
 @app.command()
 def serve(
-    repo: Optional[Path] = typer.Option(None, "--repo", help="Model repository [env KILN_MODEL_REPO; default ./model_repo]."),
-    host: Optional[str] = typer.Option(None, "--host", help="Bind address [env KILN_HTTP_HOST; default 127.0.0.1]."),
-    port: Optional[int] = typer.Option(None, "--port", help="HTTP port [env KILN_HTTP_PORT; default 8000]."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Compile cache [env KILN_CACHE_DIR; default ~/.cache/kiln]."),
+    repo: Optional[Path] = typer.Option(None, "--repo", help="Model repository (env KILN_MODEL_REPO; default ./model_repo)."),
+    host: Optional[str] = typer.Option(None, "--host", help="Bind address (env KILN_HTTP_HOST; default 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, "--port", help="HTTP port (env KILN_HTTP_PORT; default 8000)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Compile cache (env KILN_CACHE_DIR; default ~/.cache/kiln)."),
     models: Optional[str] = typer.Option(None, "--models", help="Comma-separated models to load (default: all)."),
-    log_level: Optional[str] = typer.Option(None, "--log-level", help="debug, info, warning [env KILN_LOG_LEVEL]."),
+    log_level: Optional[str] = typer.Option(None, "--log-level", help="debug, info, warning (env KILN_LOG_LEVEL)."),
 ):
     """Serve every model of the repository. Models compile (or come from the cache) and pass their
     parity gate before the server reports ready on /v2/health/ready."""
@@ -62,7 +62,7 @@ def compile(
     model_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="A model folder (config.yaml + version folders)."),
     backend: Optional[str] = typer.Option(None, "--backend", "-b", help="Backend to compile with (default: the config's)."),
     precision: Optional[str] = typer.Option(None, "--precision", "-p", help="fp32, fp16 or int8 (default: the config's)."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Compile cache [env KILN_CACHE_DIR]."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Compile cache (env KILN_CACHE_DIR)."),
     runs: int = typer.Option(200, help="Timed calls for the latency figure."),
 ):
     """Compile one model, run its gates and time it, without starting a server."""

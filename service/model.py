@@ -246,7 +246,7 @@ class ModelVersion:
         self.cache.update_manifest(key, parity=self.parity.to_dict(), accuracy=self.accuracy)
 
         self._set_state("WARMING")
-        one = {k: v[:1] for k, v in golden.items()}
+        one = {k: v[:1] for k, v in golden.items()} if batch > 0 else golden
         for _ in range(3):
             runner.infer(one)
         for _ in range(self.config.instances - 1):

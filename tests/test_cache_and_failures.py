@@ -108,11 +108,11 @@ def test_broken_source_fails_while_other_model_serves(tmp_path):
 
 
 def test_parity_failure_is_failed_with_reason(tmp_path):
-    """An impossible tolerance on a lossy precision must fail the gate, visibly."""
+    """A tolerance OpenVINO cannot meet (exact equality) must fail the gate, visibly."""
     repo = make_repo(tmp_path)
     (repo / "strict").mkdir()
     (repo / "strict" / "config.yaml").write_text(
-        "backend: openvino\nprecision: fp16\nsource: ../digits-cnn\nmax_batch_size: 32\n"
+        "backend: openvino\nprecision: fp32\nsource: ../digits-cnn\nmax_batch_size: 32\n"
         "verify: {atol: 0.0, rtol: 0.0, samples: ../digits-cnn/data/calib.npz}\n"
     )
     srv = start_server(repo, tmp_path / "cache", log_dir=tmp_path)
