@@ -11,6 +11,9 @@ from .base import Backend, BackendUnavailable, CompileFailed, CompileOptions, Ru
 REGISTRY: dict[str, str] = {
     "onnxruntime": "backends.ort:OnnxRuntimeBackend",
     "openvino": "backends.ov:OpenVinoBackend",
+    "litert": "backends.litert:LiteRTBackend",
+    "coreml": "backends.coreml:CoreMLBackend",
+    "tensorrt": "backends.trt:TensorRTBackend",
 }
 
 _instances: dict[str, Backend] = {}
