@@ -1,0 +1,288 @@
+"""The dynamic batcher on its own, with real ONNX Runtime runners (no HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from backends.ort import OnnxRuntimeRunner
+from service.batcher import Batcher, BatchPolicy
+from service.errors import Unavailable
+
+
+def linear_model(path, n_in=16, n_out=4, seed=0):
+    """y = x @ W + b with a dynamic batch dim: every row's output depends on that row only."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n_in, n_out)).astype(np.float32)
+    b = rng.standard_normal(n_out).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])], "lin",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n_out])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def ort_runner(path):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return OnnxRuntimeRunner(ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]))
+
+
+class Gated:
+    """A real runner that blocks until the test opens the gate (to fill the queue)."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.gate = threading.Event()
+        self.started = threading.Event()
+
+    def infer(self, inputs):
+        self.started.set()
+        self.gate.wait(10)
+        return self.runner.infer(inputs)
+
+    def close(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return linear_model(tmp_path_factory.mktemp("lin") / "lin.onnx")
+
+
+@pytest.mark.parametrize("mode", ["threads", "inline", "two-instances"])
+def test_each_client_gets_its_own_rows_in_order(model_path, mode):
+    runners = [ort_runner(model_path) for _ in range(2 if mode == "two-instances" else 1)]
+    sizes = []
+    b = Batcher("lin", "1", runners, BatchPolicy(16, 0.004, (4, 8, 16), 10_000),
+                on_batch=lambda rows, s: sizes.append(rows))
+    b.calibrate({"x": np.zeros((1, 16), np.float32)})
+    b.inline = mode == "inline"
+    ref = ort_runner(model_path)
+    rng = np.random.default_rng(1)
+    requests = [rng.standard_normal((int(rng.integers(1, 6)), 16)).astype(np.float32) for _ in range(300)]
+    sizes.clear()
+
+    async def client(x, delay):
+        await asyncio.sleep(delay)
+        out, queue_s, compute_s = await b.submit({"x": x})
+        return out, queue_s, compute_s
+
+    async def main():
+        return await asyncio.gather(*(client(x, (i % 7) * 0.0005) for i, x in enumerate(requests)))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        b.close()
+    for x, (out, queue_s, compute_s) in zip(requests, results):
+        assert set(out) == {"y"}
+        assert out["y"].shape == (len(x), 4)
+        np.testing.assert_allclose(out["y"], ref.infer({"x": x})["y"], rtol=1e-5, atol=1e-5)
+        assert queue_s >= 0 and compute_s > 0
+    assert sum(sizes) == sum(len(x) for x in requests)
+    assert max(sizes) > 5, f"requests were never merged: batch sizes {sorted(set(sizes))}"
+    assert max(sizes) <= 16
+
+
+def test_mixed_shapes_are_never_merged(tmp_path):
+    """Requests whose non-batch dims differ go to different batches (a model with a variable dim)."""
+    graph = helper.make_graph([helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)], "sum",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
+    # ReduceSum over all axes is not per-row; use an axes input to keep the batch dim.
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    graph = helper.make_graph([helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=0)], "sum",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch"])], [axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "sum.onnx"))
+    b = Batcher("sum", "1", [ort_runner(tmp_path / "sum.onnx")], BatchPolicy(8, 0.002, (), 100))
+    xs = [np.full((2, n), 1.0, np.float32) for n in (3, 5, 3, 5, 7, 3)]
+
+    async def main():
+        return await asyncio.gather(*(b.submit({"x": x}) for x in xs))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        b.close()
+    for x, (out, _, _) in zip(xs, results):
+        np.testing.assert_array_equal(out["y"], np.full(2, x.shape[1], np.float32))
+
+
+def test_full_queue_is_503_with_retry_after(model_path):
+    gated = Gated(ort_runner(model_path))
+    b = Batcher("lin", "1", [gated], BatchPolicy(4, 0.0, (), max_queue_size=3))
+    x = np.ones((1, 16), np.float32)
+
+    async def main():
+        first = asyncio.ensure_future(b.submit({"x": x}))
+        while not gated.started.is_set():      # the runner holds the first request
+            await asyncio.sleep(0.001)
+        queued = [asyncio.ensure_future(b.submit({"x": x})) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        assert b.queue_depth() == 3
+        with pytest.raises(Unavailable) as err:
+            await b.submit({"x": x})
+        gated.gate.set()
+        done = await asyncio.gather(first, *queued)
+        return err.value, done
+
+    try:
+        exc, done = asyncio.run(main())
+    finally:
+        gated.gate.set()
+        b.close()
+    assert exc.status == 503 and exc.retry_after and exc.retry_after >= 1
+    assert "max_queue_size 3" in exc.message
+    assert len(done) == 4
+
+
+def _fake_slow_curve(b: Batcher, base: float = 0.010) -> None:
+    """A cost curve where batching pays a lot (t(n) = base + 0.1 ms * n)."""
+    for n in range(1, 17):
+        b.cost.observe(n, base + 0.0001 * n)
+
+
+def test_lone_request_runs_at_once(model_path):
+    """Concurrency 1: no added delay, even with a long max_queue_delay and a curve that favours waiting."""
+    b = Batcher("lin", "1", [ort_runner(model_path)], BatchPolicy(16, 0.050, (8, 16), 100))
+    _fake_slow_curve(b)
+    x = np.ones((1, 16), np.float32)
+
+    async def main():
+        waits = []
+        for _ in range(20):
+            _, queue_s, _ = await b.submit({"x": x})
+            waits.append(queue_s)
+            await asyncio.sleep(0.02)  # a closed-loop client with think time: arrivals slower than t(1)
+        return waits
+
+    try:
+        waits = asyncio.run(main())
+    finally:
+        b.close()
+    assert sorted(waits)[len(waits) // 2] < 0.002, waits
+    assert max(waits) < 0.010, waits
+
+
+def test_wait_bounded_by_max_queue_delay_and_coalesces(model_path):
+    """Under a fast arrival stream the batcher waits for more rows, never longer than max_queue_delay_ms."""
+    delay = 0.005
+    sizes = []
+    b = Batcher("lin", "1", [ort_runner(model_path)], BatchPolicy(16, delay, (16,), 100),
+                on_batch=lambda rows, s: sizes.append(rows))
+    _fake_slow_curve(b)  # t(1) = 10.1 ms > delay: the budget is max_queue_delay itself
+    x = np.ones((1, 16), np.float32)
+
+    async def main():
+        b._interarrival = 0.001  # noqa: SLF001 (a stream of arrivals 1 ms apart has been seen)
+        b._last_arrival = time.perf_counter() - 0.001  # noqa: SLF001
+        t0 = time.perf_counter()
+        first = asyncio.ensure_future(b.submit({"x": x}))
+        await asyncio.sleep(0.002)
+        second = asyncio.ensure_future(b.submit({"x": x}))
+        (_, q1, _), (_, q2, _) = await asyncio.gather(first, second)
+        lone_t0 = time.perf_counter()
+        b._interarrival = 0.001  # noqa: SLF001
+        b._last_arrival = time.perf_counter() - 0.001  # noqa: SLF001
+        _, q3, _ = await b.submit({"x": x})  # nobody else comes: runs when the delay is spent
+        return q1, q2, q3, time.perf_counter() - t0, time.perf_counter() - lone_t0
+
+    try:
+        q1, q2, q3, _, lone_total = asyncio.run(main())
+    finally:
+        b.close()
+    slack = 0.004  # thread wake-up on a busy CI core
+    assert sizes[0] == 2, f"the two requests were not merged: {sizes}"
+    assert q1 <= delay + slack, q1
+    assert q1 >= 0.0015, q1  # it did wait for the second request
+    assert delay * 0.8 <= q3 <= delay + slack, q3
+    assert lone_total < delay + 0.05
+
+
+def test_cost_curve_interpolates():
+    b = Batcher("x", "1", [], BatchPolicy(32, 0.002, (), 10))
+    b.cost.observe(1, 0.001)
+    b.cost.observe(8, 0.004)
+    assert b.cost(1) == 0.001 and b.cost(8) == 0.004
+    assert abs(b.cost(4) - (0.001 + 0.003 * 3 / 7)) < 1e-12
+    assert abs(b.cost(16) - 0.008) < 1e-12
+    b.close()
+
+
+def test_runner_error_fails_only_that_batch(model_path):
+    class Broken:
+        def infer(self, inputs):
+            raise RuntimeError("boom")
+
+        def close(self):
+            pass
+
+    b = Batcher("lin", "1", [Broken()], BatchPolicy(4, 0.0, (), 10))
+
+    async def main():
+        with pytest.raises(Exception) as err:
+            await b.submit({"x": np.ones((1, 16), np.float32)})
+        return err.value
+
+    try:
+        exc = asyncio.run(main())
+    finally:
+        b.close()
+    assert exc.status == 500 and "boom" in exc.message
+
+
+def test_inline_path_leaves_only_for_cpu_heavy_batches():
+    """A batch that is slow on the wall clock (preempted, sleeping) keeps a cheap model inline; three
+    batches in a row that burn CPU beyond the bound move it to the runner threads."""
+
+    class Runner:
+        def __init__(self):
+            self.mode = "sleep"
+
+        def infer(self, inputs):
+            if self.mode == "sleep":
+                time.sleep(0.010)
+            else:
+                end = time.thread_time() + 0.006
+                while time.thread_time() < end:
+                    pass
+            return {"y": inputs["x"]}
+
+        def close(self):
+            pass
+
+    r = Runner()
+    b = Batcher("cpu", "1", [r], BatchPolicy(8, 0.0, (), 100))
+    b.inline = True
+    x = np.ones((1, 2), np.float32)
+
+    async def main(n):
+        for _ in range(n):
+            await b.submit({"x": x})
+
+    try:
+        asyncio.run(main(5))
+        assert b.inline, "wall-clock slowness moved the model off the inline path"
+        r.mode = "spin"
+        asyncio.run(main(2))
+        assert b.inline
+        asyncio.run(main(1))
+        assert not b.inline
+        asyncio.run(main(2))  # and it still answers, now from a runner thread
+    finally:
+        b.close()
