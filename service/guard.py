@@ -1,0 +1,141 @@
+"""The outermost ASGI layer: request id and trace context, auth, drain, the in-flight bound, logs.
+
+It wraps the whole app (the raw infer fast path included, which bypasses FastAPI's middleware
+stack), so every HTTP request passes here exactly once:
+
+1. request context: X-Request-ID (or a fresh id) and W3C `traceparent` into service.logs.REQUEST,
+   echoed back as the `x-request-id` response header;
+2. drain: after SIGTERM (service/lifecycle.py) `/v2/health/ready` answers 503 and every other new
+   request except liveness gets 503 `{"error"}` with `Connection: close`; requests already inside
+   finish normally;
+3. the server-wide in-flight bound (KILN_MAX_INFLIGHT) → 503 + Retry-After;
+4. bearer-token auth (service/auth.py) → 401 / 403;
+5. one log line per request at DEBUG, one per error response (status ≥ 400) at WARNING, with the
+   error message, status, duration and request id.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import orjson
+
+from .auth import AuthError, TokenAuth
+from .logs import REQUEST, parse_traceparent, request_id
+
+log = logging.getLogger("kiln.http")
+
+
+class Drain:
+    """Shared shutdown state: set by the signal handler, read by the middleware and the server loop."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.since = 0.0
+        self.inflight = 0
+
+    def begin(self) -> None:
+        if not self.draining:
+            self.draining = True
+            self.since = time.monotonic()
+
+
+# One per process (uvicorn workers are separate processes): the signal handler and the middleware
+# of a process share it.
+DRAIN = Drain()
+
+
+def wrap(app, settings) -> "Guard":
+    """The app behind the guard configured from settings (auth from KILN_AUTH_TOKENS_FILE)."""
+    auth = TokenAuth(settings.auth_tokens_file, settings.auth_open) if settings.auth_tokens_file else None
+    return Guard(app, DRAIN, auth, settings.max_inflight)
+
+
+def _error_body(status: int, message: str, extra: list[tuple[bytes, bytes]] = ()):
+    body = orjson.dumps({"error": message})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
+    return status, headers, body
+
+
+class Guard:
+    def __init__(self, app, drain: Drain | None = None, auth: TokenAuth | None = None, max_inflight: int = 0):
+        self.app = app
+        self.drain = drain if drain is not None else DRAIN
+        self.auth = auth
+        self.max_inflight = max_inflight
+
+    def __getattr__(self, name):  # app.state, app.openapi(), ... stay reachable through the wrapper
+        if name == "app":
+            raise AttributeError(name)
+        return getattr(self.app, name)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        rid_header = tp_header = auth_header = None
+        for k, v in scope["headers"]:
+            if k == b"x-request-id":
+                rid_header = v.decode("latin-1")
+            elif k == b"traceparent":
+                tp_header = v.decode("latin-1")
+            elif k == b"authorization":
+                auth_header = v.decode("latin-1")
+        rid = request_id(rid_header)
+        trace_id, span_id = parse_traceparent(tp_header)
+        token = REQUEST.set((rid, trace_id, span_id))
+        rid_bytes = rid.encode()
+        path, method = scope["path"], scope["method"]
+        state = {"status": 0, "error": b""}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid_bytes)]
+            elif message["type"] == "http.response.body" and state["status"] >= 400 and len(state["error"]) < 512:
+                state["error"] += message.get("body", b"")[:512]
+            await send(message)
+
+        drain = self.drain
+        counted = False
+        try:
+            rejection = None
+            if drain.draining and path != "/v2/health/live":
+                rejection = _error_body(503, "server is shutting down" if path != "/v2/health/ready"
+                                        else "server is not ready: shutting down", [(b"connection", b"close")])
+            elif self.max_inflight and drain.inflight >= self.max_inflight and not path.startswith("/v2/health/"):
+                rejection = _error_body(503, f"server is overloaded: {drain.inflight} requests in flight "
+                                        f"(KILN_MAX_INFLIGHT {self.max_inflight})", [(b"retry-after", b"1")])
+            elif self.auth is not None:
+                try:
+                    self.auth.check(method, path, auth_header)
+                except AuthError as err:
+                    extra = [(b"www-authenticate", b'Bearer realm="kiln"')] if err.status == 401 else []
+                    rejection = _error_body(err.status, err.message, extra)
+            if rejection is not None:
+                status, headers, body = rejection
+                await send_wrapper({"type": "http.response.start", "status": status, "headers": headers})
+                await send_wrapper({"type": "http.response.body", "body": body})
+                return
+            drain.inflight += 1
+            counted = True
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            if counted:
+                drain.inflight -= 1
+            status = state["status"]
+            if (status >= 400 or status == 0) and not path.startswith("/v2/health/"):
+                if status == 0:
+                    status, message = 0, "no response (client disconnected or the app failed)"
+                else:
+                    try:
+                        message = orjson.loads(state["error"]).get("error", "")
+                    except (orjson.JSONDecodeError, AttributeError):
+                        message = state["error"][:200].decode("utf-8", "replace")
+                log.warning("%s %s -> %d: %s", method, path, status, message,
+                            extra={"status": status, "duration_ms": round((time.perf_counter() - start) * 1000, 3)})
+            elif log.isEnabledFor(logging.DEBUG):
+                log.debug("%s %s -> %d", method, path, status,
+                          extra={"status": status, "duration_ms": round((time.perf_counter() - start) * 1000, 3)})
+            REQUEST.reset(token)

@@ -1,0 +1,87 @@
+"""Model repositories and helpers shared by tests/test_hardening_*.py (and bench/soak.py)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import orjson
+from onnx import TensorProto, helper
+
+from tests.kiln_server import DEFAULT_REPO
+from tests.test_metrics_and_concurrency import slow_model
+
+DIGITS = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.5] * 64}]}
+
+
+def digits_body(**request) -> bytes:
+    return orjson.dumps({**DIGITS, **request})
+
+
+def faulty_model(path: Path) -> None:
+    """y = Gather(table[10], Cast<int64>(x)): fine for |x| < 10, an ONNX Runtime error at run time
+    ("indices element out of data bounds") for larger values. x: FP32 [-1, 4]."""
+    table = helper.make_tensor("table", TensorProto.FLOAT, [10], np.linspace(0, 1, 10).astype(np.float32))
+    nodes = [helper.make_node("Cast", ["x"], ["idx"], to=TensorProto.INT64),
+             helper.make_node("Gather", ["table", "idx"], ["y"], axis=0)]
+    graph = helper.make_graph(nodes, "faulty", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])], [table])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+def busy_model(path: Path, size: int = 384, depth: int = 16) -> None:
+    """Tiny request, long compute: x FP32 [1] is expanded to [size, size], then `depth` x MatMul+Tanh,
+    then summed to y [1, 1]. Thirty-two requests arrive in milliseconds and queue for seconds."""
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [size, size])
+    nodes = [helper.make_node("Expand", ["x", "shape"], ["m"]),
+             helper.make_node("Mul", ["m", "scale"], ["t"])]
+    prev = "t"
+    for i in range(depth):
+        nodes.append(helper.make_node("MatMul", [prev, prev], [f"p{i}"]))
+        nodes.append(helper.make_node("Tanh", [f"p{i}"], [f"q{i}"]))
+        prev = f"q{i}"
+    nodes.append(helper.make_node("ReduceSum", [prev], ["y"], keepdims=1))
+    scale = helper.make_tensor("scale", TensorProto.FLOAT, [], [1.0])  # O(1) values: no denormals
+    graph = helper.make_graph(nodes, "busy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], [shape, scale])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+def add_busy(repo: Path, name: str = "busy", size: int = 384, depth: int = 16, extra: str = "") -> None:
+    (repo / name / "1").mkdir(parents=True)
+    busy_model(repo / name / "1" / "model.onnx", size, depth)
+    (repo / name / "config.yaml").write_text(
+        "backend: onnxruntime\nverify: {atol: 1.0e-3, rtol: 1.0e-3}\n" + extra)
+
+
+BUSY = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [0.5]}]})
+
+
+def add_digits(repo: Path) -> None:
+    shutil.copytree(DEFAULT_REPO / "digits-cnn", repo / "digits-cnn", ignore=shutil.ignore_patterns("*.pt2"))
+
+
+def add_slow(repo: Path, name: str = "slow", size: int = 512, depth: int = 12, extra: str = "") -> None:
+    (repo / name / "1").mkdir(parents=True)
+    slow_model(repo / name / "1" / "model.onnx", size, depth)
+    (repo / name / "config.yaml").write_text(
+        "backend: onnxruntime\nverify: {atol: 1.0e-3, rtol: 1.0e-3}\n" + extra)
+
+
+def add_faulty(repo: Path, name: str = "faulty") -> None:
+    (repo / name / "1").mkdir(parents=True)
+    faulty_model(repo / name / "1" / "model.onnx")
+    (repo / name / "config.yaml").write_text("backend: onnxruntime\nverify: {atol: 1.0e-5}\n")
+
+
+def slow_request(size: int = 512, **request) -> tuple[bytes, dict[str, str]]:
+    x = (np.random.default_rng(0).standard_normal((size, size)) / size).astype(np.float32)
+    header = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [size, size],
+                                       "parameters": {"binary_data_size": x.nbytes}}], **request})
+    return header + x.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
