@@ -13,10 +13,12 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__, metrics
+from . import limits as _limits
+from . import openapi as _openapi
 from .errors import InvalidInput, KilnError, PayloadTooLarge
 from .model import ModelVersion
 from .protocol import HEADER, classify, decode_request, decompress, encode_response
@@ -51,6 +53,68 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class KilnApp(FastAPI):
+    """FastAPI for every route but infer: `POST /v2/models/{m}[/versions/{v}]/infer` takes a raw ASGI
+    path (no middleware stack, routing, dependency injection or pydantic on the hot path). The
+    FastAPI route of the same path stays declared for the OpenAPI schema and is never reached."""
+
+    fast_infer = None  # set by create_app: async (scope, receive, send, model, version) -> None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and self.fast_infer is not None:
+            path = scope["path"]
+            if path.startswith("/v2/models/") and path.endswith("/infer"):
+                parts = path[11:-6].split("/")
+                if len(parts) == 1 and parts[0]:
+                    return await self.fast_infer(scope, receive, send, parts[0], None)
+                if len(parts) == 3 and parts[1] == "versions" and parts[0] and parts[2]:
+                    return await self.fast_infer(scope, receive, send, parts[0], parts[2])
+        return await super().__call__(scope, receive, send)
+
+
+async def _send(send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_error(send, exc: KilnError) -> None:
+    headers = list(_JSON_HEADERS)
+    retry = getattr(exc, "retry_after", None)
+    if retry:
+        headers.append((b"retry-after", str(max(1, int(retry))).encode()))
+    await _send(send, exc.status, orjson.dumps({"error": exc.message}), headers)
+
+
+async def _receive_body(receive, limit: int, declared: int) -> bytes:
+    if declared > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    message = await receive()
+    body = message.get("body", b"")
+    if not message.get("more_body", False):
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        return body
+    chunks, size = [body], len(body)
+    while message.get("more_body", False):
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def create_app(settings: Settings, repository: ModelRepository | None = None) -> FastAPI:
     repo = repository or ModelRepository(
         settings.model_repo, settings.cache_dir, [m for m in settings.models.split(",") if m]
@@ -62,11 +126,14 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
         loader = threading.Thread(target=repo.load_all, name="kiln-loader", daemon=True)
         loader.start()
         yield
-        await asyncio.to_thread(repo.loading_done.wait, 600)
+        # Bounded by the shutdown grace: a SIGTERM during a long compile must not hang the pod.
+        await asyncio.to_thread(repo.loading_done.wait, max(1.0, settings.shutdown_grace_s))
         repo.close()
+        metrics.mark_process_dead()
 
-    app = FastAPI(title="Kiln", version=__version__, lifespan=lifespan,
+    app = KilnApp(title="Kiln", version=__version__, lifespan=lifespan,
                   description="Open Inference Protocol (KServe v2) server for compiled, verified models.")
+    _openapi.install(app)  # the infer / repository request bodies (read raw) in /openapi.json
     app.state.repository = repo
     app.state.settings = settings
 
@@ -123,6 +190,64 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
         return json_response(repo.get(model, version).triton_config())
 
     # -- inference -----------------------------------------------------------------------------
+    limit = settings.max_body_bytes
+
+    async def fast_infer(scope, receive, send, model: str, version: str | None) -> None:
+        """The hot path, raw ASGI: body → decode (orjson / frombuffer) → batcher → encode (orjson)."""
+        start = time.perf_counter()
+        try:
+            mv = repo.get(model, version)
+        except KilnError as exc:
+            return await _send_error(send, exc)
+        m = metrics.for_model(mv.name, mv.version)
+        m.inflight.inc()
+        outcome = "server_error"
+        try:
+            declared, encoding, hlen = 0, None, None
+            for k, v in scope["headers"]:
+                if k == b"content-length":
+                    declared = int(v) if v.isdigit() else 0
+                elif k == b"inference-header-content-length":
+                    hlen = v.decode("latin-1")
+                elif k == b"content-encoding":
+                    encoding = v.decode("latin-1").strip().lower()
+            mv.check_ready()
+            body = await _receive_body(receive, limit, declared)
+            if encoding:
+                body = decompress(body, encoding, limit)
+            req = decode_request(body, hlen, _single_input(mv))
+            mv.validate(req.inputs, req.datatypes)
+            outputs_wanted = _requested_outputs(mv, req)
+            decoded = time.perf_counter()
+            result, queue_s, compute_s = await _limits.infer(mv, req, settings.request_timeout_s)
+            computed = time.perf_counter()
+            payload, headers = encode_response(mv.name, mv.version, req.id, [
+                (name, classify(result[name], k, mv.labels) if k else result[name], binary)
+                for name, binary, k in outputs_wanted
+            ])
+            await _send(send, 200, payload, [(k.encode(), v.encode()) for k, v in headers.items()])
+            end = time.perf_counter()
+            outcome = "success"
+            m.decode.observe(decoded - start)
+            m.queue.observe(queue_s)
+            m.compute.observe(compute_s)
+            m.encode.observe(end - computed)
+            m.total.observe(end - start)
+            m.samples.inc(_batch(mv, req.inputs))
+        except KilnError as exc:
+            outcome = exc.outcome
+            await _send_error(send, exc)
+        except _ClientGone:
+            outcome = "client_error"  # the client went away mid-body: nothing to answer
+        except Exception as exc:  # never leak a traceback page: a v2 error body
+            log.exception("infer %s failed", model)
+            await _send_error(send, KilnError(f"internal error: {type(exc).__name__}: {exc}"))
+        finally:
+            m.inflight.dec()
+            m.request(outcome).inc()
+
+    app.fast_infer = fast_infer
+
     @app.post("/v2/models/{model}/infer")
     @app.post("/v2/models/{model}/versions/{version}/infer")
     async def infer(request: Request, model: str, version: str | None = None):
@@ -134,12 +259,12 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
         try:
             mv.check_ready()
             body = await read_body(request, settings.max_body_bytes)
-            body = decompress(body, request.headers.get("content-encoding"))
+            body = decompress(body, request.headers.get("content-encoding"), settings.max_body_bytes)
             req = decode_request(body, request.headers.get(HEADER), _single_input(mv))
             mv.validate(req.inputs, req.datatypes)
             outputs_wanted = _requested_outputs(mv, req)
             decoded = time.perf_counter()
-            result, queue_s, compute_s = await mv.infer(req.inputs)
+            result, queue_s, compute_s = await _limits.infer(mv, req, settings.request_timeout_s)
             computed = time.perf_counter()
             payload, headers = encode_response(mv.name, mv.version, req.id, [
                 (name, classify(result[name], k, mv.labels) if k else result[name], binary)
@@ -191,7 +316,7 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
     # -- metrics ---------------------------------------------------------------------------------
     @app.get("/metrics")
     async def prometheus_metrics():
-        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
@@ -219,3 +344,13 @@ def _batch(mv: ModelVersion, inputs) -> int:
     if mv.config.max_batch_size > 0 and inputs:
         return int(next(iter(inputs.values())).shape[0])
     return 1
+
+
+def create_app_from_env() -> FastAPI:
+    """App factory for `kiln serve --workers N` (uvicorn imports it in each worker process)."""
+    from . import logs
+    from .guard import wrap
+
+    settings = Settings()
+    logs.setup(settings.log_level, settings.log_format)
+    return wrap(create_app(settings), settings)  # auth, drain, request ids, logs (service/guard.py)

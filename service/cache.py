@@ -79,6 +79,8 @@ class CacheResult:
 class CompileCache:
     def __init__(self, root: Path):
         self.root = Path(root)
+        # Where builds go when `root` cannot be written (read-only volume, wrong owner): see get_or_build.
+        self.fallback: CompileCache | None = None
 
     def entry(self, key: str) -> Path:
         return self.root / key
@@ -108,7 +110,14 @@ class CompileCache:
             self.root.mkdir(parents=True, exist_ok=True)
             workdir = Path(tempfile.mkdtemp(prefix=f".build-{key[:12]}-", dir=self.root))
         except OSError as err:
-            raise OSError(f"compile cache directory {self.root} is not writable: {err}") from err
+            # A read-only cache still serves its hits; a miss is built into a per-process temporary
+            # cache (lost at exit) rather than failing the model. docs/hardening.md.
+            if self.fallback is None:
+                tmp = Path(tempfile.mkdtemp(prefix="kiln-cache-fallback-"))
+                log.warning("compile cache directory %s is not writable (%s): building into the temporary "
+                            "cache %s instead (not reused after a restart)", self.root, err, tmp)
+                self.fallback = CompileCache(tmp)
+            return self.fallback.get_or_build(key, build, info)
         try:
             start = time.perf_counter()
             artifact = build(workdir)
@@ -135,6 +144,8 @@ class CompileCache:
     def update_manifest(self, key: str, **fields: Any) -> None:
         """Record facts learned after the build (e.g. gate results) next to the artifact."""
         path = self.entry(key) / "manifest.json"
+        if self.fallback is not None and not path.exists():
+            return self.fallback.update_manifest(key, **fields)
         try:
             manifest = json.loads(path.read_text())
             manifest.setdefault("notes", {}).update(fields)

@@ -47,9 +47,19 @@ class DynamicBatching(_Strict):
     max_queue_size: int = Field(1024, ge=1)
 
 
+class Tolerance(_Strict):
+    atol: float = Field(..., ge=0)
+    rtol: float = Field(0.0, ge=0)
+
+
 class VerifySpec(_Strict):
+    # Parity tolerances for fp32 builds (and for lossy builds unless `precisions` overrides them).
     atol: float = Field(1e-4, ge=0)
     rtol: float = Field(1e-3, ge=0)
+    # Per-precision parity tolerances, absolute, e.g. {int8: {atol: 1.0, rtol: 0.1}}. A lossy precision
+    # without an entry uses the documented default rule (service/verify.py LOSSY_TOLERANCE): atol is a
+    # fraction of the reference outputs' largest magnitude. Lossy builds also pass the accuracy gate.
+    precisions: dict[Literal["fp16", "int8"], Tolerance] = Field(default_factory=dict)
     # .npz with one array per input name (or a single array for a single-input model).
     samples: str | None = None
     max_samples: int = Field(64, ge=1)
@@ -62,6 +72,41 @@ class AccuracySpec(_Strict):
     label_key: str = "label"
     # Fail the model when its own accuracy is below this, whatever the reference does.
     min_accuracy: float | None = Field(None, ge=0, le=1)
+
+
+class AutoSpec(_Strict):
+    """`backend: auto`: which backend x precision pairs to try and how to time them."""
+
+    # "onnxruntime", "openvino:int8", ...; empty = every registered backend at fp32, plus its fp16/int8
+    # when the config has an accuracy gate (lossy builds are never served without one).
+    candidates: list[str] = Field(default_factory=list)
+    # Batch sizes to time; empty = [1, max_batch_size]. The score is the geometric mean of the medians.
+    batch_sizes: list[int] = Field(default_factory=list)
+    runs: int = Field(30, ge=3, le=10_000)
+    warmup: int = Field(5, ge=0, le=1000)
+
+    @field_validator("candidates")
+    @classmethod
+    def _entries(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            backend, _, precision = entry.partition(":")
+            if not backend or backend == "auto":
+                raise ValueError(f"auto candidate '{entry}' must name a backend")
+            if precision and precision not in PRECISIONS:
+                raise ValueError(f"auto candidate '{entry}': precision must be one of {PRECISIONS}")
+        return v
+
+
+class LimitsSpec(_Strict):
+    """Per-model request limits (docs/hardening.md); each breach is a 400 with {"error"}."""
+
+    # Elements per input tensor (batch dimension included); None = bounded by the body limit only.
+    max_elements: int | None = Field(None, ge=1)
+    # NaN / +-Inf in floating-point inputs: pass them to the model, or reject the request.
+    nonfinite: Literal["pass", "reject"] = "pass"
+    # Default per-request timeout for this model in ms (overrides KILN_REQUEST_TIMEOUT_S; a request's
+    # own parameters.timeout may only shorten it).
+    timeout_ms: float | None = Field(None, gt=0)
 
 
 class VersionPolicy(_Strict):
@@ -87,10 +132,14 @@ class ModelConfig(_Strict):
     verify: VerifySpec = Field(default_factory=VerifySpec)
     accuracy: AccuracySpec | None = None
     version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
+    # Used when backend is "auto".
+    auto: AutoSpec = Field(default_factory=AutoSpec)
     # Free-form knobs passed to the backend (threads, device, ...).
     backend_options: dict[str, Any] = Field(default_factory=dict)
     # Optional class labels file (one per line) for the classification extension.
     labels: str | None = None
+    # Request limits: max elements per input, NaN/Inf policy, default timeout.
+    limits: LimitsSpec = Field(default_factory=LimitsSpec)
 
     @field_validator("name")
     @classmethod

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+# prometheus-client's multiprocess mode (several worker processes, `kiln serve --workers N`): each
+# process writes its samples to files in PROMETHEUS_MULTIPROC_DIR and /metrics merges them.
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -20,10 +26,12 @@ DURATION = Histogram(
     ["model", "version", "phase"], buckets=LATENCY_BUCKETS,
 )
 BATCH_SIZE = Histogram("kiln_batch_size", "Executed batch sizes", ["model", "version"], buckets=BATCH_BUCKETS)
-QUEUE_DEPTH = Gauge("kiln_queue_depth", "Requests waiting for a runner", ["model", "version"])
-INFLIGHT = Gauge("kiln_inflight_requests", "Inference requests being served", ["model"])
+QUEUE_DEPTH = Gauge("kiln_queue_depth", "Requests waiting in the batcher queue", ["model", "version"],
+                    multiprocess_mode="livesum")
+INFLIGHT = Gauge("kiln_inflight_requests", "Inference requests being served", ["model"], multiprocess_mode="livesum")
 MODEL_STATE = Gauge(
-    "kiln_model_state", "1 for the model's current state", ["model", "version", "backend", "precision", "state"]
+    "kiln_model_state", "1 for the model's current state", ["model", "version", "backend", "precision", "state"],
+    multiprocess_mode="livemax",
 )
 COMPILE_SECONDS = Histogram(
     "kiln_compile_seconds", "Time to compile a model (cache misses only)", ["model", "version", "backend"],
@@ -31,7 +39,7 @@ COMPILE_SECONDS = Histogram(
 )
 CACHE = Counter("kiln_compile_cache", "Compile cache lookups (hit, miss, corrupt)", ["result"])
 PARITY = Gauge("kiln_parity_max_abs_error", "Max abs error of the compiled model vs the source",
-               ["model", "version", "output"])
+               ["model", "version", "output"], multiprocess_mode="livemax")
 
 for _result in ("hit", "miss", "corrupt"):
     CACHE.labels(_result)
@@ -46,7 +54,59 @@ def set_model_state(model: str, version: str, backend: str, precision: str, stat
         MODEL_STATE.labels(model, version, backend, precision, s).set(1 if s == state else 0)
 
 
+class ModelMetrics:
+    """The per-model children the infer path touches, resolved once (labels() costs µs per call)."""
+
+    def __init__(self, model: str, version: str):
+        self.inflight = INFLIGHT.labels(model)
+        self.samples = SAMPLES.labels(model, version)
+        self.decode = DURATION.labels(model, version, "decode")
+        self.queue = DURATION.labels(model, version, "queue")
+        self.compute = DURATION.labels(model, version, "compute")
+        self.encode = DURATION.labels(model, version, "encode")
+        self.total = DURATION.labels(model, version, "total")
+        self._requests = {}
+        self._key = (model, version)
+
+    def request(self, outcome: str):
+        child = self._requests.get(outcome)
+        if child is None:
+            child = self._requests[outcome] = REQUESTS.labels(*self._key, outcome)
+        return child
+
+
+_children: dict[tuple[str, str], ModelMetrics] = {}
+
+
+def for_model(model: str, version: str) -> ModelMetrics:
+    m = _children.get((model, version))
+    if m is None:
+        m = _children[(model, version)] = ModelMetrics(model, version)
+    return m
+
+
+def exposition() -> bytes:
+    """The text exposition for /metrics; merges every worker's files in multiprocess mode."""
+    from prometheus_client import generate_latest
+
+    if MULTIPROCESS:
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest(REGISTRY)
+
+
+def mark_process_dead() -> None:
+    if MULTIPROCESS:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(os.getpid())
+
+
 def forget_model(model: str, version: str) -> None:
+    _children.pop((model, version), None)
     for metric in (MODEL_STATE, PARITY):
         for labels in list(metric._metrics):  # noqa: SLF001
             if labels[0] == model and labels[1] == version:

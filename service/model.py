@@ -6,27 +6,25 @@ the fallback chain is an attempt; every attempt and why it failed is kept for th
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import queue
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from backends import CompileOptions, Runner, TensorInfo, get_backend
+from backends import BackendUnavailable, CompileOptions, Runner, TensorInfo, get_backend
 
 from . import metrics
+from .batcher import Batcher, BatchPolicy
 from .cache import CacheResult, CompileCache, compile_key
 from .config import ModelConfig, TensorSpec
 from .datatypes import V2_TO_TRITON
 from .errors import InvalidInput, KilnError, Unavailable
 from .source import read_signature
-from .verify import ParityResult, Reference, compare, generate_inputs, load_npz_inputs, run_batched, top1
+from .verify import (ParityResult, Reference, compare, generate_inputs, load_npz_inputs, run_batched, tolerance,
+                     top1)
 
 log = logging.getLogger("kiln.model")
 
@@ -56,6 +54,10 @@ class Attempt:
     reason: str = ""
     cache: str = ""
     compile_seconds: float = 0.0
+    parity_max_abs_error: float | None = None
+    accuracy: float | None = None
+    # Backend findings (e.g. Core ML structural validation), parity tolerance rule, auto timings.
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 class _OutputNames:
@@ -105,9 +107,10 @@ class ModelVersion:
         self.cache_result: str = ""
         self.artifact: Path | None = None
         self.labels: list[str] | None = None
-        self._runners: queue.SimpleQueue = queue.SimpleQueue()
+        # backend: auto: the decision (candidates, timings, rejections, reused or measured).
+        self.auto: dict[str, Any] | None = None
         self._all_runners: list[Runner] = []
-        self._executor: ThreadPoolExecutor | None = None
+        self._batcher: Batcher | None = None
         self._set_state("LOADING")
 
     # -- state ---------------------------------------------------------------------------------
@@ -154,25 +157,54 @@ class ModelVersion:
             return self.fail(str(err))
         except Exception as err:  # a broken source must not take the server down
             return self.fail(f"cannot read model source: {type(err).__name__}: {err}")
-        for backend, precision in self.candidates():
-            attempt = Attempt(backend, precision)
-            self.attempts.append(attempt)
-            self.backend, self.precision = backend, precision
+        if self.config.backend == "auto":
+            from .auto import build_auto
+
             try:
-                self._attempt(attempt, reference)
-                attempt.status = "ok"
-                self._set_state("READY")
-                return
-            except GateFailed as err:
-                attempt.status = attempt.status if attempt.status != "pending" else "failed"
-                attempt.reason = str(err)
-            except Exception as err:
-                attempt.status, attempt.reason = "failed", f"{type(err).__name__}: {err}"
-            log.warning("model %s v%s: %s/%s %s: %s", self.name, self.version, backend, precision,
-                        attempt.status, attempt.reason)
-            self._close_runners()
+                order = build_auto(self, reference)
+            except Exception as err:  # never take the server down
+                log.exception("model %s v%s: auto selection failed", self.name, self.version)
+                return self.fail(f"backend auto: {type(err).__name__}: {err}")
+            if not order:
+                return self.fail("backend auto: no candidate passed: " + "; ".join(
+                    f"{c['backend']}/{c['precision']}: {c['reason']}" for c in (self.auto or {}).get("candidates", [])))
+        else:
+            order = self.candidates()
+        if self.serve_first(order, reference):
+            return
         reasons = "; ".join(f"{a.backend}/{a.precision}: {a.reason}" for a in self.attempts)
         self.fail(reasons if len(self.attempts) > 1 else self.attempts[0].reason)
+
+    def serve_first(self, order: list[tuple[str, str]], reference: Reference) -> bool:
+        """Try each (backend, precision) in order; the first that passes every gate serves (READY)."""
+        for backend, precision in order:
+            attempt = self.try_attempt(backend, precision, reference, serve=True)
+            self.attempts.append(attempt)
+            if attempt.status == "ok":
+                self._set_state("READY")
+                return True
+        return False
+
+    def try_attempt(self, backend: str, precision: str, reference: Reference, serve: bool) -> Attempt:
+        """One attempt; never raises. serve=False stops after the gates, its runner kept in _all_runners
+        (the caller times and closes it)."""
+        attempt = Attempt(backend, precision)
+        self.backend, self.precision = backend, precision
+        try:
+            self._attempt(attempt, reference, serve=serve)
+            attempt.status = "ok"
+            return attempt
+        except GateFailed as err:
+            attempt.status = attempt.status if attempt.status != "pending" else "failed"
+            attempt.reason = str(err)
+        except BackendUnavailable as err:
+            attempt.status, attempt.reason = "unavailable", str(err)
+        except Exception as err:
+            attempt.status, attempt.reason = "failed", f"{type(err).__name__}: {err}"
+        log.warning("model %s v%s: %s/%s %s: %s", self.name, self.version, backend, precision,
+                    attempt.status, attempt.reason)
+        self._close_runners()
+        return attempt
 
     def compile_options(self, precision: str) -> CompileOptions:
         calibration = None
@@ -193,7 +225,7 @@ class ModelVersion:
         batch = min(self.config.max_batch_size or 4, 4)
         return generate_inputs(self.inputs, batch=batch)
 
-    def _attempt(self, attempt: Attempt, reference: Reference) -> None:
+    def _attempt(self, attempt: Attempt, reference: Reference, serve: bool = True) -> None:
         try:
             backend = get_backend(attempt.backend)
         except KeyError as err:
@@ -209,6 +241,10 @@ class ModelVersion:
         if attempt.precision not in backend.precisions:
             raise GateFailed(f"{attempt.backend} does not build precision {attempt.precision} "
                              f"(it builds {', '.join(backend.precisions)})")
+        if (attempt.precision in ("fp16", "int8") and not self.config.accuracy
+                and attempt.precision not in self.config.verify.precisions):
+            raise GateFailed(f"{attempt.precision} is lossy: it needs an accuracy gate (config accuracy.dataset) or "
+                             f"explicit parity tolerances (config verify.precisions.{attempt.precision})")
         options = self.compile_options(attempt.precision)
         source = self.sources[fmt]
 
@@ -227,23 +263,44 @@ class ModelVersion:
             log.info("model %s v%s: compiled with %s/%s in %.2fs (cache %s) -> %s", self.name, self.version,
                      backend.name, attempt.precision, res.seconds, res.result, res.artifact)
 
+        if hasattr(backend, "describe"):
+            attempt.details.update(backend.describe(res.artifact))
+
         self._set_state("VERIFYING")
         names = [o.name for o in self.outputs]
-        runner = _OutputNames(backend.load(res.artifact, options), names)
+        try:
+            loaded = backend.load(res.artifact, options)
+        except BackendUnavailable as err:  # e.g. Core ML on Linux: compiled and validated, cannot predict
+            attempt.status = "unavailable"
+            raise GateFailed(str(err)) from None
+        runner = _OutputNames(loaded, names)
         self._all_runners.append(runner)
         golden = self.golden_inputs(self.config.verify.max_samples)
         batch = self.config.max_batch_size
         expected = dict(zip(names, run_batched(reference.infer, golden, batch).values()))
         actual = run_batched(runner.infer, golden, batch)
         samples = len(next(iter(golden.values())))
-        self.parity = compare(actual, expected, self.config.verify.atol, self.config.verify.rtol, samples)
+        atol, rtol, rule = tolerance(self.config.verify, attempt.precision, expected)
+        attempt.details["parity_tolerance"] = {"atol": atol, "rtol": rtol, "rule": rule}
+        self.parity = compare(actual, expected, atol, rtol, samples)
+        attempt.parity_max_abs_error = max((o.max_abs_error for o in self.parity.outputs), default=0.0)
         for out in self.parity.outputs:
             metrics.PARITY.labels(self.name, self.version, out.output).set(out.max_abs_error)
         if not self.parity.passed:
             raise GateFailed(f"parity gate failed: {self.parity.reason}")
+        self.accuracy = None
         if self.config.accuracy:
-            self._accuracy_gate(runner, reference, names)
+            try:
+                self._accuracy_gate(runner, reference, names)
+            finally:
+                attempt.accuracy = self.accuracy["compiled"] if self.accuracy else None
+        elif attempt.precision != "fp32":
+            log.warning("model %s v%s: %s/%s is lossy and the config has no accuracy gate: only parity "
+                        "(verify.precisions.%s) checks it", self.name, self.version, backend.name, attempt.precision,
+                        attempt.precision)
         self.cache.update_manifest(key, parity=self.parity.to_dict(), accuracy=self.accuracy)
+        if not serve:
+            return
 
         self._set_state("WARMING")
         one = {k: v[:1] for k, v in golden.items()} if batch > 0 else golden
@@ -253,9 +310,7 @@ class ModelVersion:
             extra = _OutputNames(backend.load(res.artifact, options), names)
             extra.infer(one)
             self._all_runners.append(extra)
-        for r in self._all_runners:
-            self._runners.put(r)
-        self._executor = ThreadPoolExecutor(self.config.instances, thread_name_prefix=f"kiln-{self.name}")
+        self._start_inference(one)
 
     def _accuracy_gate(self, runner: Runner, reference: Reference, names: list[str]) -> None:
         spec = self.config.accuracy
@@ -313,43 +368,37 @@ class ModelVersion:
     def output_names(self) -> list[str]:
         return [o.name for o in self.outputs]
 
-    async def infer(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float, float]:
-        """Run off the event loop; returns outputs, queue seconds and compute seconds."""
-        if self._executor is None:
-            raise Unavailable(f"model '{self.name}' version {self.version} is not ready ({self.state})")
-        metrics.QUEUE_DEPTH.labels(self.name, self.version).inc()
-        submitted = time.perf_counter()
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run, inputs, submitted)
+    def batch_policy(self) -> BatchPolicy:
+        db = self.config.dynamic_batching
+        if db is None or self.config.max_batch_size <= 0:
+            return BatchPolicy(max_queue_size=db.max_queue_size if db else 1024)
+        return BatchPolicy(self.config.max_batch_size, db.max_queue_delay_ms / 1000.0,
+                           tuple(db.preferred_batch_sizes), db.max_queue_size)
 
-    def _run(self, inputs: dict[str, np.ndarray], submitted: float):
-        start = time.perf_counter()
-        metrics.QUEUE_DEPTH.labels(self.name, self.version).dec()
-        runner = self._runners.get()
-        try:
-            out = runner.infer(inputs)
-        except Exception as err:
-            raise InferenceFailed(f"model '{self.name}' failed during inference: {type(err).__name__}: {err}")
-        finally:
-            self._runners.put(runner)
-        if self.config.max_batch_size > 0:
-            metrics.BATCH_SIZE.labels(self.name, self.version).observe(len(next(iter(inputs.values()))))
-        else:
-            metrics.BATCH_SIZE.labels(self.name, self.version).observe(1)
-        return out, start - submitted, time.perf_counter() - start
+    def _start_inference(self, sample: dict[str, np.ndarray]) -> None:
+        """One runner thread per instance behind the dynamic batcher; seed its cost curve."""
+        self._batcher = Batcher(self.name, self.version, list(self._all_runners), self.batch_policy())
+        self._batcher.calibrate(sample)
+
+    async def infer(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float, float]:
+        """Through the batcher, off the event loop; returns outputs, queue seconds, compute seconds."""
+        batcher = self._batcher
+        if batcher is None:
+            raise Unavailable(f"model '{self.name}' version {self.version} is not ready ({self.state})")
+        return await batcher.submit(inputs)
 
     def _close_runners(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
+            self._batcher = None
         for r in self._all_runners:
             try:
                 r.close()
             except Exception:  # closing must not fail an unload
                 log.exception("closing a runner of %s failed", self.name)
         self._all_runners = []
-        self._runners = queue.SimpleQueue()
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
         self._close_runners()
         metrics.forget_model(self.name, self.version)
 
@@ -372,7 +421,9 @@ class ModelVersion:
             p["accuracy"] = self.accuracy["compiled"]
             p["accuracy_reference"] = self.accuracy["reference"]
         if self.attempts:
-            p["attempts"] = json.dumps([vars(a) for a in self.attempts])
+            p["attempts"] = json.dumps([vars(a) for a in self.attempts], default=str)
+        if self.auto:
+            p["auto"] = json.dumps(self.auto, default=str)
         return p
 
     def metadata(self, versions: list[str]) -> dict[str, Any]:
@@ -413,6 +464,7 @@ class ModelVersion:
                 "parity": self.parity.to_dict() if self.parity else None,
                 "accuracy": self.accuracy,
                 "attempts": [vars(a) for a in self.attempts],
+                "auto": self.auto,
             },
         }
         if self.config.dynamic_batching and batching:

@@ -6,6 +6,7 @@ binary tensors are views on the request body (`numpy.frombuffer`), never copied.
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -15,10 +16,11 @@ import numpy as np
 import orjson
 
 from .datatypes import V2_TO_NUMPY, v2_datatype
-from .errors import InvalidInput
+from .errors import InvalidInput, PayloadTooLarge
 
 HEADER = "inference-header-content-length"
 JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
+MAX_DIMS = 32  # numpy's own limit is 64; no served model has more than a handful
 
 
 @dataclass
@@ -40,6 +42,9 @@ class InferRequest:
 
 def _decode_bytes_elements(buf: memoryview, count: int, name: str) -> np.ndarray:
     """BYTES in the binary extension: each element is a little-endian uint32 length, then the bytes."""
+    if count * 4 > len(buf):  # checked before allocating: every element needs at least its 4-byte length
+        raise InvalidInput(f"input '{name}': {count} BYTES elements need at least {count * 4} bytes, "
+                           f"binary_data_size is {len(buf)}")
     out = np.empty(count, dtype=object)
     pos = 0
     for i in range(count):
@@ -68,11 +73,13 @@ def encode_bytes_elements(arr: np.ndarray) -> bytes:
 def _shape(raw: Any, name: str) -> tuple[int, ...]:
     if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
         raise InvalidInput(f"input '{name}': 'shape' must be a list of non-negative integers")
+    if len(raw) > MAX_DIMS:
+        raise InvalidInput(f"input '{name}': {len(raw)} dimensions (at most {MAX_DIMS})")
     return tuple(raw)
 
 
 def _json_tensor(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)
     try:
         if datatype == "BYTES":
             flat = np.array(data, dtype=object).reshape(-1)
@@ -98,13 +105,20 @@ def _parse_header(raw: bytes | memoryview) -> dict[str, Any]:
     return header
 
 
-def decompress(body: bytes, encoding: str | None) -> bytes:
+def decompress(body: bytes, encoding: str | None, limit: int | None = None) -> bytes:
+    """Inflate a gzip/deflate body; more than `limit` bytes inflated (a zip bomb) is a 413."""
     if not encoding or encoding == "identity":
         return body
     if encoding not in ("gzip", "deflate"):
         raise InvalidInput(f"unsupported Content-Encoding '{encoding}' (gzip, deflate)")
     try:
-        return zlib.decompress(body, 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+        out = d.decompress(body, limit + 1) if limit else d.decompress(body)
+        if limit and len(out) > limit:
+            raise PayloadTooLarge(f"{encoding} body inflates past the limit of {limit} bytes")
+        if not d.eof:
+            raise InvalidInput(f"body is not valid {encoding}: incomplete or truncated stream")
+        return out
     except zlib.error as err:
         raise InvalidInput(f"body is not valid {encoding}: {err}") from None
 
@@ -155,7 +169,7 @@ def decode_request(body: bytes, header_length: str | None, single_input: tuple[s
                                    f"({len(binary) - offset} bytes left)")
             chunk = binary[offset:offset + size]
             offset += size
-            count = int(np.prod(shape)) if shape else 1
+            count = math.prod(shape)
             if datatype == "BYTES":
                 arr = _decode_bytes_elements(chunk, count, name).reshape(shape)
             else:

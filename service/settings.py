@@ -33,3 +33,23 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     # Only these models (comma-separated) are loaded; empty = all.
     models: str = ""
+
+    # -- hardening (docs/hardening.md) ------------------------------------------------------------
+    # Log lines as text (humans) or one JSON object per line (log shippers); both carry the request id.
+    log_format: str = Field("text", pattern="^(text|json)$")
+    # Server default per-request timeout (seconds; 0 = none). A request's own OIP `parameters.timeout`
+    # (microseconds) may only shorten it. Expired → 504, and a request still queued never runs.
+    request_timeout_s: float = Field(60.0, ge=0)
+    # Requests being served at once, server-wide; beyond it 503 + Retry-After (0 = unbounded).
+    max_inflight: int = Field(2048, ge=0)
+    # SIGTERM/SIGINT: readiness false and new requests 503 at once; in-flight requests get up to this
+    # long to finish; then the process exits 0.
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    # Bearer tokens (`<token> <scope>[,<scope>...]` per line; scopes infer, repository, metrics,
+    # health, *); re-read when the file changes. Unset = no auth.
+    auth_tokens_file: Path | None = None
+    # Route groups that stay open without a token when auth is on (health, metrics, docs, metadata).
+    auth_open: str = "health,metrics,docs"
+    # TLS: both set = HTTPS.
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None

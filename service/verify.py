@@ -108,6 +108,27 @@ def compare(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], atol
     return result
 
 
+# Parity for lossy precisions. A lossy build is *meant* to differ from the fp32 reference, so its
+# parity gate is a sanity check (wrong layout, garbage weights, a broken conversion), and the accuracy
+# gate judges quality. Rule, unless the config's `verify.precisions.<p>` gives absolute values:
+#   atol = ATOL_FRACTION x max |reference output| over the golden set,  rtol = RTOL
+LOSSY_TOLERANCE = {"fp16": (0.01, 0.01), "int8": (0.1, 0.1)}
+
+
+def tolerance(spec, precision: str, expected: dict[str, np.ndarray]) -> tuple[float, float, str]:
+    """(atol, rtol, how they were chosen) for a build of `precision` (spec: the config's VerifySpec)."""
+    if precision in spec.precisions:
+        t = spec.precisions[precision]
+        return t.atol, t.rtol, f"verify.precisions.{precision}"
+    if precision not in LOSSY_TOLERANCE:
+        return spec.atol, spec.rtol, "verify"
+    fraction, rtol = LOSSY_TOLERANCE[precision]
+    scale = max((float(np.abs(v).max()) for v in expected.values()
+                 if np.asarray(v).dtype.kind == "f" and np.asarray(v).size), default=1.0)
+    return max(spec.atol, fraction * scale), max(spec.rtol, rtol), \
+        f"{precision} default: atol {fraction:g} x max|reference| ({scale:.3g}), rtol {rtol:g}"
+
+
 def run_batched(infer, inputs: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
     """Run a whole dataset through `infer` in batches (batch <= 0: one call)."""
     n = len(next(iter(inputs.values())))
