@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -155,25 +153,13 @@ def compile(
 
 
 def _latency_ms(mv, batch: int, runs: int) -> float | None:
-    import numpy as np
+    """In-process p50 of the model's first runner (the same timing `backend: auto` uses)."""
+    from .auto import time_runner
 
-    if mv.state != "READY":
+    if mv.state != "READY" or (mv.config.max_batch_size and batch > mv.config.max_batch_size):
         return None
-    inputs = mv.golden_inputs(None)
-    rows = len(next(iter(inputs.values())))
-    if mv.config.max_batch_size and batch > mv.config.max_batch_size:
-        return None
-    idx = np.arange(batch) % rows
-    sample = {k: np.ascontiguousarray(v[idx]) for k, v in inputs.items()}
     runner = mv._all_runners[0]  # noqa: SLF001
-    for _ in range(10):
-        runner.infer(sample)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        runner.infer(sample)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
+    return time_runner(runner, mv.golden_inputs(None), [batch], runs, warmup=10)[str(batch)]
 
 
 def _artifact_bytes(mv) -> int | None:
