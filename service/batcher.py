@@ -83,6 +83,11 @@ class _Worker:
     runner: Any
     wake: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     thread: threading.Thread | None = None
+    failures: int = 0  # consecutive failed batches
+
+
+# A runner whose batches fail this many times in a row is replaced by a fresh one.
+REPLACE_AFTER_FAILURES = 3
 
 
 class CostCurve:
@@ -123,8 +128,11 @@ class CostCurve:
 
 class Batcher:
     def __init__(self, name: str, version: str, runners: list[Any], policy: BatchPolicy,
-                 on_batch: Callable[[int, float], None] | None = None):
+                 on_batch: Callable[[int, float], None] | None = None,
+                 rebuild: Callable[[], Any] | None = None):
         self.name = name
+        self._rebuild = rebuild
+        self.replaced = 0  # runners replaced after repeated failures
         self.version = version
         self.policy = policy
         self.cost = CostCurve()
@@ -363,6 +371,9 @@ class Batcher:
         except Exception as err:  # one bad batch must not kill the runner thread
             outputs, error = None, InferenceFailed(
                 f"model '{self.name}' failed during inference: {type(err).__name__}: {err}")
+        w.failures = w.failures + 1 if error else 0
+        if error and w.failures >= REPLACE_AFTER_FAILURES:
+            self._replace_runner(w)
         end = time.perf_counter()
         compute = end - start
         if inline_cpu is not None:
@@ -408,6 +419,25 @@ class Batcher:
                 pass
 
     # -- shutdown -------------------------------------------------------------------------------------
+    def _replace_runner(self, w: _Worker) -> None:
+        """Swap a runner that keeps failing for a fresh one; the old one is closed."""
+        if self._rebuild is None:
+            return
+        try:
+            fresh = self._rebuild()
+        except Exception:
+            log.exception("model %s v%s: replacing a failing runner failed; keeping the old one",
+                          self.name, self.version)
+            return
+        old, w.runner, w.failures = w.runner, fresh, 0
+        self.replaced += 1
+        log.warning("model %s v%s: runner failed %d batches in a row: replaced with a fresh one",
+                    self.name, self.version, REPLACE_AFTER_FAILURES)
+        try:
+            old.close()
+        except Exception:
+            log.exception("closing the replaced runner of %s failed", self.name)
+
     def close(self, timeout: float = 30.0) -> None:
         with self._lock:
             self._closed = True

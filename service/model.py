@@ -306,11 +306,14 @@ class ModelVersion:
         one = {k: v[:1] for k, v in golden.items()} if batch > 0 else golden
         for _ in range(3):
             runner.infer(one)
+        def new_runner() -> _OutputNames:
+            return _OutputNames(backend.load(res.artifact, options), names)
+
         for _ in range(self.config.instances - 1):
-            extra = _OutputNames(backend.load(res.artifact, options), names)
+            extra = new_runner()
             extra.infer(one)
             self._all_runners.append(extra)
-        self._start_inference(one)
+        self._start_inference(one, new_runner)
 
     def _accuracy_gate(self, runner: Runner, reference: Reference, names: list[str]) -> None:
         spec = self.config.accuracy
@@ -375,9 +378,11 @@ class ModelVersion:
         return BatchPolicy(self.config.max_batch_size, db.max_queue_delay_ms / 1000.0,
                            tuple(db.preferred_batch_sizes), db.max_queue_size)
 
-    def _start_inference(self, sample: dict[str, np.ndarray]) -> None:
-        """One runner thread per instance behind the dynamic batcher; seed its cost curve."""
-        self._batcher = Batcher(self.name, self.version, list(self._all_runners), self.batch_policy())
+    def _start_inference(self, sample: dict[str, np.ndarray], new_runner=None) -> None:
+        """One runner thread per instance behind the dynamic batcher; seed its cost curve.
+        `new_runner` rebuilds a runner that keeps failing (a crashed session, a poisoned state)."""
+        self._batcher = Batcher(self.name, self.version, list(self._all_runners), self.batch_policy(),
+                                rebuild=new_runner)
         self._batcher.calibrate(sample)
 
     async def infer(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float, float]:
@@ -388,10 +393,13 @@ class ModelVersion:
         return await batcher.submit(inputs)
 
     def _close_runners(self) -> None:
+        runners = list(self._all_runners)
         if self._batcher is not None:
+            # The batcher may have swapped in fresh runners for failing ones: close those too.
+            runners += [w.runner for w in self._batcher.workers if w.runner not in runners]
             self._batcher.close()
             self._batcher = None
-        for r in self._all_runners:
+        for r in runners:
             try:
                 r.close()
             except Exception:  # closing must not fail an unload

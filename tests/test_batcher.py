@@ -286,3 +286,31 @@ def test_inline_path_leaves_only_for_cpu_heavy_batches():
         asyncio.run(main(2))  # and it still answers, now from a runner thread
     finally:
         b.close()
+
+
+def test_crashed_runner_is_replaced(model_path):
+    """A runner whose session is gone fails every batch; after a few failures it is rebuilt."""
+    from service.batcher import REPLACE_AFTER_FAILURES
+
+    crashed = ort_runner(model_path)
+    crashed.close()  # the session is gone: every infer raises, as after a native crash
+    b = Batcher("lin", "1", [crashed], BatchPolicy(4, 0.0, (), 10), rebuild=lambda: ort_runner(model_path))
+    x = np.ones((2, 16), np.float32)
+
+    async def main():
+        outcomes = []
+        for _ in range(REPLACE_AFTER_FAILURES + 2):
+            try:
+                out, _, _ = await b.submit({"x": x})
+                outcomes.append(out["y"].shape)
+            except Exception as exc:  # noqa: BLE001 - the test records what each request got
+                outcomes.append(type(exc).__name__)
+        return outcomes
+
+    try:
+        outcomes = asyncio.run(main())
+    finally:
+        b.close()
+    assert outcomes[:REPLACE_AFTER_FAILURES] == ["InferenceFailed"] * REPLACE_AFTER_FAILURES
+    assert outcomes[REPLACE_AFTER_FAILURES:] == [(2, 4), (2, 4)]
+    assert b.replaced == 1
