@@ -19,9 +19,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import __version__, metrics
 from . import limits as _limits
 from . import openapi as _openapi
-from .errors import InvalidInput, KilnError, PayloadTooLarge
+from .errors import InvalidInput, KilnError, NotFound, PayloadTooLarge
 from .model import ModelVersion
-from .protocol import HEADER, classify, decode_request, decompress, encode_response
+from .protocol import classify, decode_request, decompress, encode_response
 from .repository import ModelRepository
 from .settings import Settings
 
@@ -251,41 +251,8 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
     @app.post("/v2/models/{model}/infer")
     @app.post("/v2/models/{model}/versions/{version}/infer")
     async def infer(request: Request, model: str, version: str | None = None):
-        start = time.perf_counter()
-        mv = repo.get(model, version)
-        labels = (mv.name, mv.version)
-        metrics.INFLIGHT.labels(mv.name).inc()
-        outcome = "server_error"
-        try:
-            mv.check_ready()
-            body = await read_body(request, settings.max_body_bytes)
-            body = decompress(body, request.headers.get("content-encoding"), settings.max_body_bytes)
-            req = decode_request(body, request.headers.get(HEADER), _single_input(mv))
-            mv.validate(req.inputs, req.datatypes)
-            outputs_wanted = _requested_outputs(mv, req)
-            decoded = time.perf_counter()
-            result, queue_s, compute_s = await _limits.infer(mv, req, settings.request_timeout_s)
-            computed = time.perf_counter()
-            payload, headers = encode_response(mv.name, mv.version, req.id, [
-                (name, classify(result[name], k, mv.labels) if k else result[name], binary)
-                for name, binary, k in outputs_wanted
-            ])
-            end = time.perf_counter()
-            outcome = "success"
-            d = metrics.DURATION
-            d.labels(*labels, "decode").observe(decoded - start)
-            d.labels(*labels, "queue").observe(queue_s)
-            d.labels(*labels, "compute").observe(compute_s)
-            d.labels(*labels, "encode").observe(end - computed)
-            d.labels(*labels, "total").observe(end - start)
-            metrics.SAMPLES.labels(*labels).inc(_batch(mv, req.inputs))
-            return Response(payload, headers=headers)
-        except KilnError as exc:
-            outcome = exc.outcome
-            raise
-        finally:
-            metrics.INFLIGHT.labels(mv.name).dec()
-            metrics.REQUESTS.labels(*labels, outcome).inc()
+        """Declared for /openapi.json only: KilnApp sends every infer request to `fast_infer`."""
+        raise NotFound(f"no such endpoint: POST {request.url.path}")
 
     # -- repository extension ------------------------------------------------------------------
     @app.post("/v2/repository/index")
