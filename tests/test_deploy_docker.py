@@ -5,27 +5,18 @@ the file itself. Building the image needs a container engine; see bench/build_im
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
-import pytest
+
+from tests.ops_tools import tool
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
-INSTALL = ".ci/install-ops-tools.sh"
 
 
-def tool(name: str) -> str:
-    override = os.environ.get(f"KILN_{name.upper().replace('-', '_')}")
-    for candidate in (override, shutil.which(name), str(Path(sys.executable).parent / name), f"/usr/local/bin/{name}"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    pytest.fail(f"`{name}` not found on PATH: run `bash {INSTALL}` (CI installs it)", pytrace=False)
 
 
 def instructions() -> list[tuple[str, str, str]]:

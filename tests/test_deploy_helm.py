@@ -9,7 +9,6 @@ Tools come from .ci/install-ops-tools.sh; a missing tool fails (never skips) the
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -17,11 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.ops_tools import tool
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "kiln"
-INSTALL = ".ci/install-ops-tools.sh"
 RELEASE, NAMESPACE = "kiln", "kiln-test"
 # kubeVersion in Chart.yaml is >=1.25; kubernetes-validate ships schemas up to 1.37.
 KUBE_VERSIONS = ["1.25.0", "1.37.0"]
@@ -36,13 +36,6 @@ VALUES = {
 }
 
 
-def tool(name: str) -> str:
-    """A tool from PATH, the venv's bin or /usr/local/bin; fail (not skip) when missing."""
-    override = os.environ.get(f"KILN_{name.upper().replace('-', '_')}")
-    for candidate in (override, shutil.which(name), str(Path(sys.executable).parent / name), f"/usr/local/bin/{name}"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    pytest.fail(f"`{name}` not found on PATH: run `bash {INSTALL}` (CI installs it)", pytrace=False)
 
 
 def run(*cmd: str, ok: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -7,14 +7,14 @@ notes) or recorded by the rules. tests/test_deploy_prometheus_live.py runs the q
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.ops_tools import INSTALL, tool
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,7 +22,6 @@ DASH_DIR = ROOT / "dashboards"
 RULES = DASH_DIR / "prometheus-rules.yaml"
 RULE_TESTS = DASH_DIR / "prometheus-rules.test.yaml"
 DASHBOARD = DASH_DIR / "kiln.json"
-INSTALL = ".ci/install-ops-tools.sh"
 
 # The server's metrics (design notes); histograms expose _bucket/_sum/_count.
 COUNTERS = {"kiln_inference_requests_total", "kiln_inference_samples_total", "kiln_compile_cache_total"}
@@ -31,12 +30,6 @@ HISTOGRAMS = {"kiln_request_duration_seconds", "kiln_batch_size", "kiln_compile_
 SERVER_METRICS = COUNTERS | GAUGES | {f"{h}_{s}" for h in HISTOGRAMS for s in ("bucket", "sum", "count")}
 
 
-def tool(name: str) -> str:
-    override = os.environ.get(f"KILN_{name.upper().replace('-', '_')}")
-    for candidate in (override, shutil.which(name), str(Path(sys.executable).parent / name), f"/usr/local/bin/{name}"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    pytest.fail(f"`{name}` not found on PATH: run `bash {INSTALL}` (CI installs it)", pytrace=False)
 
 
 def run(*cmd: str) -> subprocess.CompletedProcess:

@@ -17,12 +17,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -32,13 +28,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.kiln_server import free_port
+from tests.ops_tools import tool
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "dashboards" / "prometheus-rules.yaml"
 DASHBOARD = ROOT / "dashboards" / "kiln.json"
 ADAPTER_RULES = ROOT / "helm" / "kiln" / "files" / "prometheus-adapter-rules.yaml"
-INSTALL = ".ci/install-ops-tools.sh"
 NAMESPACE, POD = "kiln-test", "kiln-test-0"
 MODELS = ("digits-cnn", "digits-cnn-openvino")
 POLL_S = 60.0          # the first scrape lands after ~6 s; rate() needs two
@@ -47,19 +45,6 @@ LOAD_MAX_S = 120.0     # the load thread stops by itself after this, whatever ha
 BUILTINS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m"}
 
 
-def tool(name: str) -> str:
-    override = os.environ.get(f"KILN_{name.upper().replace('-', '_')}")
-    for candidate in (override, shutil.which(name), str(Path(sys.executable).parent / name), f"/usr/local/bin/{name}",
-                      f"/usr/bin/{name}"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    pytest.fail(f"`{name}` not found on PATH: run `bash {INSTALL}` (CI installs it)", pytrace=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Prometheus:
