@@ -17,11 +17,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__, metrics
-from . import limits as _limits
 from . import openapi as _openapi
 from .errors import InvalidInput, KilnError, NotFound, PayloadTooLarge
-from .model import ModelVersion
-from .protocol import classify, decode_request, decompress, encode_response
+from .infer import InferRoute, match_infer_path, too_large
 from .repository import ModelRepository
 from .settings import Settings
 
@@ -42,65 +40,64 @@ def json_response(data: Any, status: int = 200) -> Response:
 async def read_body(request: Request, limit: int) -> bytes:
     """The raw body, refused with 413 as soon as it passes the limit (declared or streamed)."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    if declared and declared.isdigit() and (exc := too_large(int(declared), limit, True)) is not None:
+        raise exc
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        if (exc := too_large(size, limit, False)) is not None:
+            raise exc
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-_JSON_HEADERS = [(b"content-type", b"application/json")]
+class KilnApp(FastAPI):
+    """FastAPI for every route but infer. `POST /v2/models/{m}[/versions/{v}]/infer` is answered by
+    Kiln's HTTP protocol before any ASGI work (service/http.py); under another server it takes the
+    raw ASGI path below (no middleware stack, routing, dependency injection or pydantic). The FastAPI
+    route of the same path stays declared for the OpenAPI schema and is never reached."""
+
+    infer_route: InferRoute | None = None  # set by create_app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and self.infer_route is not None:
+            target = match_infer_path(scope["path"])
+            if target is not None:
+                return await _asgi_infer(self.infer_route, scope, receive, send, *target)
+        return await super().__call__(scope, receive, send)
+
+
+async def _asgi_infer(route: InferRoute, scope, receive, send, model: str, version: str | None) -> None:
+    start = time.perf_counter()
+    headers = scope["headers"]
+    declared = next((int(v) for k, v in headers if k == b"content-length" and v.isdigit()), 0)
+    try:
+        body = await _receive_body(receive, route.body_limit, declared)
+    except PayloadTooLarge as exc:
+        reply = route.refuse(model, version, exc)
+    except _ClientGone:
+        route.refuse(model, version, None)
+        return
+    else:
+        reply = await route(model, version, headers, body, start)
+    status, out_headers, payload = reply
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*out_headers, (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
 
 
 class _ClientGone(Exception):
     pass
 
 
-class KilnApp(FastAPI):
-    """FastAPI for every route but infer: `POST /v2/models/{m}[/versions/{v}]/infer` takes a raw ASGI
-    path (no middleware stack, routing, dependency injection or pydantic on the hot path). The
-    FastAPI route of the same path stays declared for the OpenAPI schema and is never reached."""
-
-    fast_infer = None  # set by create_app: async (scope, receive, send, model, version) -> None
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST" and self.fast_infer is not None:
-            path = scope["path"]
-            if path.startswith("/v2/models/") and path.endswith("/infer"):
-                parts = path[11:-6].split("/")
-                if len(parts) == 1 and parts[0]:
-                    return await self.fast_infer(scope, receive, send, parts[0], None)
-                if len(parts) == 3 and parts[1] == "versions" and parts[0] and parts[2]:
-                    return await self.fast_infer(scope, receive, send, parts[0], parts[2])
-        return await super().__call__(scope, receive, send)
-
-
-async def _send(send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _send_error(send, exc: KilnError) -> None:
-    headers = list(_JSON_HEADERS)
-    retry = getattr(exc, "retry_after", None)
-    if retry:
-        headers.append((b"retry-after", str(max(1, int(retry))).encode()))
-    await _send(send, exc.status, orjson.dumps({"error": exc.message}), headers)
-
-
 async def _receive_body(receive, limit: int, declared: int) -> bytes:
-    if declared > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    if (exc := too_large(declared, limit, True)) is not None:
+        raise exc
     message = await receive()
     body = message.get("body", b"")
     if not message.get("more_body", False):
-        if len(body) > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        if (exc := too_large(len(body), limit, False)) is not None:
+            raise exc
         return body
     chunks, size = [body], len(body)
     while message.get("more_body", False):
@@ -109,8 +106,8 @@ async def _receive_body(receive, limit: int, declared: int) -> bytes:
             raise _ClientGone()
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        if (exc := too_large(size, limit, False)) is not None:
+            raise exc
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -190,68 +187,12 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
         return json_response(repo.get(model, version).triton_config())
 
     # -- inference -----------------------------------------------------------------------------
-    limit = settings.max_body_bytes
-
-    async def fast_infer(scope, receive, send, model: str, version: str | None) -> None:
-        """The hot path, raw ASGI: body → decode (orjson / frombuffer) → batcher → encode (orjson)."""
-        start = time.perf_counter()
-        try:
-            mv = repo.get(model, version)
-        except KilnError as exc:
-            return await _send_error(send, exc)
-        m = metrics.for_model(mv.name, mv.version)
-        m.inflight.inc()
-        outcome = "server_error"
-        try:
-            declared, encoding, hlen = 0, None, None
-            for k, v in scope["headers"]:
-                if k == b"content-length":
-                    declared = int(v) if v.isdigit() else 0
-                elif k == b"inference-header-content-length":
-                    hlen = v.decode("latin-1")
-                elif k == b"content-encoding":
-                    encoding = v.decode("latin-1").strip().lower()
-            mv.check_ready()
-            body = await _receive_body(receive, limit, declared)
-            if encoding:
-                body = decompress(body, encoding, limit)
-            req = decode_request(body, hlen, _single_input(mv))
-            mv.validate(req.inputs, req.datatypes)
-            outputs_wanted = _requested_outputs(mv, req)
-            decoded = time.perf_counter()
-            result, queue_s, compute_s = await _limits.infer(mv, req, settings.request_timeout_s)
-            computed = time.perf_counter()
-            payload, headers = encode_response(mv.name, mv.version, req.id, [
-                (name, classify(result[name], k, mv.labels) if k else result[name], binary)
-                for name, binary, k in outputs_wanted
-            ])
-            await _send(send, 200, payload, [(k.encode(), v.encode()) for k, v in headers.items()])
-            end = time.perf_counter()
-            outcome = "success"
-            m.decode.observe(decoded - start)
-            m.queue.observe(queue_s)
-            m.compute.observe(compute_s)
-            m.encode.observe(end - computed)
-            m.total.observe(end - start)
-            m.samples.inc(_batch(mv, req.inputs))
-        except KilnError as exc:
-            outcome = exc.outcome
-            await _send_error(send, exc)
-        except _ClientGone:
-            outcome = "client_error"  # the client went away mid-body: nothing to answer
-        except Exception as exc:  # never leak a traceback page: a v2 error body
-            log.exception("infer %s failed", model)
-            await _send_error(send, KilnError(f"internal error: {type(exc).__name__}: {exc}"))
-        finally:
-            m.inflight.dec()
-            m.request(outcome).inc()
-
-    app.fast_infer = fast_infer
+    app.infer_route = InferRoute(repo, settings.max_body_bytes, settings.request_timeout_s)
 
     @app.post("/v2/models/{model}/infer")
     @app.post("/v2/models/{model}/versions/{version}/infer")
     async def infer(request: Request, model: str, version: str | None = None):
-        """Declared for /openapi.json only: KilnApp sends every infer request to `fast_infer`."""
+        """Declared for /openapi.json only: every infer request is answered by `InferRoute`."""
         raise NotFound(f"no such endpoint: POST {request.url.path}")
 
     # -- repository extension ------------------------------------------------------------------
@@ -286,31 +227,6 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-def _single_input(mv: ModelVersion) -> tuple[str, str, tuple[int, ...]] | None:
-    if len(mv.inputs) != 1:
-        return None
-    t = mv.inputs[0]
-    return t.name, t.datatype, t.shape
-
-
-def _requested_outputs(mv: ModelVersion, req) -> list[tuple[str, bool, int]]:
-    names = mv.output_names()
-    if req.outputs is None:
-        return [(n, req.binary_output_default, 0) for n in names]
-    out = []
-    for o in req.outputs:
-        if o.name not in names:
-            raise InvalidInput(f"unknown output '{o.name}' for model '{mv.name}' (outputs: {', '.join(names)})")
-        out.append((o.name, o.binary, o.classification))
-    return out
-
-
-def _batch(mv: ModelVersion, inputs) -> int:
-    if mv.config.max_batch_size > 0 and inputs:
-        return int(next(iter(inputs.values())).shape[0])
-    return 1
 
 
 def create_app_from_env() -> FastAPI:

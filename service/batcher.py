@@ -193,6 +193,11 @@ class Batcher:
 
     async def submit(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float, float]:
         """Outputs for these inputs (this request's rows only), queue seconds, compute seconds."""
+        return await self.enqueue(inputs)
+
+    def enqueue(self, inputs: dict[str, np.ndarray]) -> asyncio.Future:
+        """Queue these inputs; the future resolves to `submit`'s result. Completing or cancelling
+        the future first (a timeout, service/limits.py) drops the request if it has not run yet."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         if self.policy.batching:
@@ -230,7 +235,7 @@ class Batcher:
             self._depth.set(depth)
         if wake is not None:
             wake.wake.put(None)
-        return await fut
+        return fut
 
     def _flush_inline(self) -> None:
         """Event-loop side: run everything queued now, in batches of up to max_batch_size rows."""

@@ -54,7 +54,7 @@ def wrap(app, settings) -> "Guard":
 
 def _error_body(status: int, message: str, extra: list[tuple[bytes, bytes]] = ()):
     body = orjson.dumps({"error": message})
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
+    headers = [(b"content-type", b"application/json"), *extra]
     return status, headers, body
 
 
@@ -70,22 +70,66 @@ class Guard:
             raise AttributeError(name)
         return getattr(self.app, name)
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start = time.perf_counter()
+    # -- the steps, shared by the ASGI wrapper below and the infer fast path (service/http.py) ------
+    def context(self, headers) -> tuple[tuple[str, str | None, str | None], str | None]:
+        """((request id, trace id, parent span id), Authorization header) from the request headers."""
         rid_header = tp_header = auth_header = None
-        for k, v in scope["headers"]:
+        for k, v in headers:
             if k == b"x-request-id":
                 rid_header = v.decode("latin-1")
             elif k == b"traceparent":
                 tp_header = v.decode("latin-1")
             elif k == b"authorization":
                 auth_header = v.decode("latin-1")
-        rid = request_id(rid_header)
-        trace_id, span_id = parse_traceparent(tp_header)
-        token = REQUEST.set((rid, trace_id, span_id))
-        rid_bytes = rid.encode()
+        return (request_id(rid_header), *parse_traceparent(tp_header)), auth_header
+
+    def admit(self, method: str, path: str, auth_header: str | None):
+        """None when the request may go on (then counted in flight: call `release`), else the
+        rejection (status, headers, body) to send."""
+        drain = self.drain
+        if drain.draining and path != "/v2/health/live":
+            return _error_body(503, "server is shutting down" if path != "/v2/health/ready"
+                               else "server is not ready: shutting down", [(b"connection", b"close")])
+        if self.max_inflight and drain.inflight >= self.max_inflight and not path.startswith("/v2/health/"):
+            return _error_body(503, f"server is overloaded: {drain.inflight} requests in flight "
+                               f"(KILN_MAX_INFLIGHT {self.max_inflight})", [(b"retry-after", b"1")])
+        if self.auth is not None:
+            try:
+                self.auth.check(method, path, auth_header)
+            except AuthError as err:
+                extra = [(b"www-authenticate", b'Bearer realm="kiln"')] if err.status == 401 else []
+                return _error_body(err.status, err.message, extra)
+        drain.inflight += 1
+        return None
+
+    def release(self) -> None:
+        self.drain.inflight -= 1
+
+    def log(self, method: str, path: str, status: int, error: bytes, start: float) -> None:
+        """The request's log line: WARNING with the `{"error"}` message for status >= 400 (or no
+        response at all), DEBUG otherwise; health probes only at DEBUG."""
+        if (status >= 400 or status == 0) and not path.startswith("/v2/health/"):
+            if status == 0:
+                message = "no response (client disconnected or the app failed)"
+            else:
+                try:
+                    message = orjson.loads(error).get("error", "")
+                except (orjson.JSONDecodeError, AttributeError):
+                    message = error[:200].decode("utf-8", "replace")
+            log.warning("%s %s -> %d: %s", method, path, status, message,
+                        extra={"status": status, "duration_ms": round((time.perf_counter() - start) * 1000, 3)})
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s -> %d", method, path, status,
+                      extra={"status": status, "duration_ms": round((time.perf_counter() - start) * 1000, 3)})
+
+    # -- ASGI ------------------------------------------------------------------------------------
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        ctx, auth_header = self.context(scope["headers"])
+        token = REQUEST.set(ctx)
+        rid_bytes = ctx[0].encode()
         path, method = scope["path"], scope["method"]
         state = {"status": 0, "error": b""}
 
@@ -97,45 +141,19 @@ class Guard:
                 state["error"] += message.get("body", b"")[:512]
             await send(message)
 
-        drain = self.drain
-        counted = False
+        admitted = False
         try:
-            rejection = None
-            if drain.draining and path != "/v2/health/live":
-                rejection = _error_body(503, "server is shutting down" if path != "/v2/health/ready"
-                                        else "server is not ready: shutting down", [(b"connection", b"close")])
-            elif self.max_inflight and drain.inflight >= self.max_inflight and not path.startswith("/v2/health/"):
-                rejection = _error_body(503, f"server is overloaded: {drain.inflight} requests in flight "
-                                        f"(KILN_MAX_INFLIGHT {self.max_inflight})", [(b"retry-after", b"1")])
-            elif self.auth is not None:
-                try:
-                    self.auth.check(method, path, auth_header)
-                except AuthError as err:
-                    extra = [(b"www-authenticate", b'Bearer realm="kiln"')] if err.status == 401 else []
-                    rejection = _error_body(err.status, err.message, extra)
+            rejection = self.admit(method, path, auth_header)
             if rejection is not None:
                 status, headers, body = rejection
+                headers = [*headers, (b"content-length", str(len(body)).encode())]
                 await send_wrapper({"type": "http.response.start", "status": status, "headers": headers})
                 await send_wrapper({"type": "http.response.body", "body": body})
                 return
-            drain.inflight += 1
-            counted = True
+            admitted = True
             await self.app(scope, receive, send_wrapper)
         finally:
-            if counted:
-                drain.inflight -= 1
-            status = state["status"]
-            if (status >= 400 or status == 0) and not path.startswith("/v2/health/"):
-                if status == 0:
-                    status, message = 0, "no response (client disconnected or the app failed)"
-                else:
-                    try:
-                        message = orjson.loads(state["error"]).get("error", "")
-                    except (orjson.JSONDecodeError, AttributeError):
-                        message = state["error"][:200].decode("utf-8", "replace")
-                log.warning("%s %s -> %d: %s", method, path, status, message,
-                            extra={"status": status, "duration_ms": round((time.perf_counter() - start) * 1000, 3)})
-            elif log.isEnabledFor(logging.DEBUG):
-                log.debug("%s %s -> %d", method, path, status,
-                          extra={"status": status, "duration_ms": round((time.perf_counter() - start) * 1000, 3)})
+            if admitted:
+                self.release()
+            self.log(method, path, state["status"], state["error"], start)
             REQUEST.reset(token)

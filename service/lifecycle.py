@@ -22,6 +22,7 @@ import time
 import uvicorn
 
 from . import guard
+from .http_protocol import KilnHttpProtocol
 
 log = logging.getLogger("kiln.lifecycle")
 
@@ -80,7 +81,7 @@ def serve(app, *, host: str, port: int, log_level: str, grace_s: float, workers:
     """Serve until signalled; the process exit code (0 after a drained shutdown, 3 if startup failed).
     With workers > 1, `app` is an import string of an app factory; each worker drains on its own."""
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), loop="uvloop",
-                            http="httptools", access_log=False, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+                            http=KilnHttpProtocol, access_log=False, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
                             timeout_graceful_shutdown=max(1, min(5, int(grace_s))), log_config=log_config,
                             proxy_headers=False,  # Kiln never reads the client address
                             workers=workers, factory=workers > 1)

@@ -6,6 +6,7 @@ the fallback chain is an attempt; every attempt and why it failed is kept for th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
@@ -385,12 +386,12 @@ class ModelVersion:
                                 rebuild=new_runner)
         self._batcher.calibrate(sample)
 
-    async def infer(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float, float]:
-        """Through the batcher, off the event loop; returns outputs, queue seconds, compute seconds."""
+    def enqueue(self, inputs: dict[str, np.ndarray]) -> asyncio.Future:
+        """Into the batcher; the future resolves to (outputs, queue seconds, compute seconds)."""
         batcher = self._batcher
         if batcher is None:
             raise Unavailable(f"model '{self.name}' version {self.version} is not ready ({self.state})")
-        return await batcher.submit(inputs)
+        return batcher.enqueue(inputs)
 
     def _close_runners(self) -> None:
         runners = list(self._all_runners)
