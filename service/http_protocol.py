@@ -10,17 +10,19 @@ auth, logs) and the shared infer route (service/infer.py) run in one task, and t
 shutdown, TLS — is uvicorn's own code, unchanged: `_InferCycle` has the attributes the protocol
 touches on a cycle, so pipelined requests of either kind queue behind each other in order.
 
-Used by `kiln serve` (`uvicorn.Config(http=KilnHttpProtocol)`); under any other server the same
+Used by `kiln serve` (`uvicorn.Config(http=KilnConnection)`); under any other server the same
 route is reached through ASGI (service/app.py), with the same answers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import urllib.parse
 
 import httptools
+import numpy as np
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from .errors import KilnError, Unavailable
@@ -30,14 +32,80 @@ from .infer import InferRoute, error_reply, match_infer_path, too_large
 from .logs import REQUEST
 
 
+_SCRATCH_BYTES = 65536
+
+
+class KilnConnection(asyncio.BufferedProtocol):
+    """The transport's protocol: uvloop reads into caller-supplied buffers only for protocols that
+    are not asyncio.Protocol subclasses, and uvicorn's protocol is one, so this forwards to it."""
+
+    __slots__ = ("http",)
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.http = KilnHttpProtocol(*args, **kwargs)
+
+    def connection_made(self, transport) -> None:
+        self.http.connection_made(transport)
+
+    def connection_lost(self, exc) -> None:
+        self.http.connection_lost(exc)
+
+    def eof_received(self):
+        return self.http.eof_received()
+
+    def pause_writing(self) -> None:
+        self.http.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.http.resume_writing()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.http.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.http.buffer_updated(nbytes)
+
+
 class KilnHttpProtocol(HttpToolsProtocol):
+    """Reads are buffered (KilnConnection): headers and small bodies go through a per-connection
+    scratch buffer to httptools as usual; the rest of an infer body larger than one read is
+    received straight into its final buffer, with no intermediate bytes objects, httptools body
+    slices or join. On a 600 KB image those copies were half of the event loop's CPU (perf)."""
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self._scratch: memoryview | None = None
+        self._direct: _InferCycle | None = None  # the cycle whose body the loop reads into
         guard = self.app if isinstance(self.app, Guard) else None
         route = getattr(guard.app, "infer_route", None) if guard is not None else None
         # The fast path needs Kiln's guard in front (auth, drain, ids) and no uvicorn concurrency limit.
         self.infer: tuple[Guard, InferRoute] | None = (
             (guard, route) if isinstance(route, InferRoute) and self.limit_concurrency is None else None)
+
+    # -- buffered reads ----------------------------------------------------------------------------
+    def get_buffer(self, sizehint: int) -> memoryview:
+        direct = self._direct
+        if direct is not None:
+            return direct.view[direct.size:]
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(_SCRATCH_BYTES))
+        return self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        direct = self._direct
+        if direct is not None:
+            direct.size += nbytes
+            if direct.size >= direct.declared:
+                # httptools still expects these body bytes: the next request gets a fresh parser.
+                self._direct = None
+                self.parser = httptools.HttpRequestParser(self)
+                self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+                direct.complete()
+            return
+        self.data_received(bytes(self._scratch[:nbytes]))
+        cycle = self.cycle
+        if type(cycle) is _InferCycle and cycle.more_body and self.parser is not None and cycle.go_direct():
+            self._direct = cycle
 
     def on_message_begin(self) -> None:
         # The ASGI scope is built in on_headers_complete, only for requests that go to ASGI.
@@ -72,7 +140,9 @@ class KilnHttpProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle, app) -> None:
         if isinstance(cycle, _InferCycle):
-            cycle.start()
+            # A pipelined request whose turn came: uvicorn calls this from inside the previous
+            # response's send, before that request has left the guard (its in-flight slot).
+            self.loop.call_soon(cycle.start)
         else:
             super()._start_asgi_task(cycle, app)
 
@@ -97,7 +167,7 @@ class _InferCycle:
 
     __slots__ = ("proto", "path", "target", "headers", "keep_alive", "expect_100", "chunks", "size",
                  "more_body", "started", "dispatched", "response_complete", "disconnected", "ctx", "start_t",
-                 "admitted", "too_large", "message_event")
+                 "admitted", "too_large", "message_event", "declared", "sized", "view")
 
     def __init__(self, proto: KilnHttpProtocol, path: str, target: tuple[str, str | None],
                  headers: list[tuple[bytes, bytes]], keep_alive: bool, expect_100: bool):
@@ -115,6 +185,15 @@ class _InferCycle:
         self.ctx = None
         self.start_t = 0.0
         self.message_event = self  # connection_lost calls cycle.message_event.set()
+        self.declared, self.sized = 0, False  # Content-Length, and whether it alone frames the body
+        chunked = False
+        for k, v in headers:
+            if k == b"content-length" and v.isdigit():
+                self.declared, self.sized = int(v), True
+            elif k == b"transfer-encoding":
+                chunked = True
+        self.sized = self.sized and not chunked
+        self.view: memoryview | None = None  # the body buffer while the loop reads into it
 
     def set(self) -> None:
         """Called by connection_lost (after setting `disconnected`): a client gone mid-body."""
@@ -131,6 +210,22 @@ class _InferCycle:
         if self.started:
             self._check_size(False)
 
+    def go_direct(self) -> bool:
+        """Receive the rest of a Content-Length body straight into its final buffer (see
+        KilnHttpProtocol.get_buffer); not for bodies over the limit or requests already answered."""
+        if (not self.sized or self.response_complete or self.too_large or self.size >= self.declared
+                or self.declared > self.proto.infer[1].body_limit):
+            return False
+        # Not bytearray(n): it zero-fills 600 KB that recv is about to overwrite.
+        view = memoryview(np.empty(self.declared, np.uint8)).cast("B")
+        pos = 0
+        for c in self.chunks:
+            view[pos:pos + len(c)] = c
+            pos += len(c)
+        self.chunks = [view]
+        self.view = view
+        return True
+
     def complete(self) -> None:
         self.more_body = False
         if self.started and not self.response_complete and not self.dispatched:
@@ -140,7 +235,9 @@ class _InferCycle:
     def start(self) -> None:
         """The connection's turn: guard, body limit, 100-continue, then run once the body is in."""
         proto = self.proto
-        guard, route = proto.infer
+        if self.disconnected or proto.transport.is_closing():
+            return  # gone before its turn came (pipelined): nothing to admit or answer
+        guard = proto.infer[0]
         self.started = True
         self.start_t = time.perf_counter()
         self.ctx, auth = guard.context(self.headers)
@@ -148,8 +245,7 @@ class _InferCycle:
         if rejection is not None:
             return self._reply(*rejection)
         self.admitted = True
-        declared = next((int(v) for k, v in self.headers if k == b"content-length" and v.isdigit()), 0)
-        if self._check_size(True, declared) or self._check_size(False):
+        if self._check_size(True, self.declared) or self._check_size(False):
             return
         if self.expect_100 and self.more_body:
             proto.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -169,7 +265,7 @@ class _InferCycle:
     def _dispatch(self) -> None:
         self.dispatched = True
         body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
-        self.chunks = []
+        self.chunks, self.view = [], None
         proto = self.proto
         task = proto.loop.create_task(self._run(body))
         task.add_done_callback(proto.tasks.discard)
