@@ -76,6 +76,14 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
+def loop_seconds(pid: int) -> float:
+    """Time on CPU of the process's main thread (the event loop in Kiln), from its schedstat."""
+    try:
+        return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def all_pids(pid: int) -> list[int]:
     out = [pid]
     try:
@@ -101,9 +109,9 @@ def wrk(url: str, path: str, body: tuple[Path, str | None, str], conns: int, sec
 def load(url: str, path: str, body, conns: int, seconds: float, pid: int, warmup: float = 1.0) -> dict:
     wrk(url, path, body, conns, warmup)
     pids = all_pids(pid)
-    t0, s0 = sum(cpu_ticks(p) for p in pids), sum(cpu_seconds(p) for p in pids)
+    t0, s0, l0 = sum(cpu_ticks(p) for p in pids), sum(cpu_seconds(p) for p in pids), loop_seconds(pid)
     res = wrk(url, path, body, conns, seconds)
-    t1, s1 = sum(cpu_ticks(p) for p in pids), sum(cpu_seconds(p) for p in pids)
+    t1, s1, l1 = sum(cpu_ticks(p) for p in pids), sum(cpu_seconds(p) for p in pids), loop_seconds(pid)
     n = max(res["requests"], 1)
     errors = res["status"] + res["read"] + res["write"] + res["connect"] + res["timeout"]
     return {
@@ -111,6 +119,7 @@ def load(url: str, path: str, body, conns: int, seconds: float, pid: int, warmup
         "rps": res["requests"] / (res["duration_us"] / 1e6),
         "p50_ms": res["p50_us"] / 1000, "p99_ms": res["p99_us"] / 1000,
         "cpu_us": (s1 - s0) * 1e6 / n,
+        "loop_cpu_us": (l1 - l0) * 1e6 / n,  # of which the main (event-loop) thread
         "cpu_us_ticks": (t1 - t0) / os.sysconf("SC_CLK_TCK") * 1e6 / n,
         "errors": errors, "requests": res["requests"],
     }
@@ -319,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     r32 = get("kiln", "resnet", "binary", 32)
     if r32 and inproc.get("resnet@32"):
         print(f"ResNet 224² binary c=32: {r32['rps']:.1f} req/s = {r32['rps'] / inproc['resnet@32']:.2f}x "
-              f"in-process batch-32 throughput ({inproc['resnet@32']:.1f} rows/s)")
+              f"in-process batch-32 throughput ({inproc['resnet@32']:.1f} rows/s); server CPU per request: "
+              f"event loop {r32['loop_cpu_us']:.0f} µs, runner {r32['cpu_us'] - r32['loop_cpu_us']:.0f} µs "
+              f"(in-process {1e6 / inproc['resnet@32']:.0f} µs per row)")
     r1, r1nb = get("kiln", "resnet", "binary", 1), get("kiln (no batching)", "resnet-nobatch", "binary", 1)
     if r1 and r1nb:
         print(f"ResNet c=1 p50: batching {r1['p50_ms']:.2f} ms vs no batching {r1nb['p50_ms']:.2f} ms")
