@@ -113,6 +113,10 @@ def test_tls_with_a_self_signed_certificate(tmp_path):
                 time.sleep(0.2)
             r = https.post("/v2/models/digits-cnn/infer", content=digits_body())
             assert r.status_code == 200 and len(r.json()["outputs"][0]["data"]) == 10
+            # A body over several reads (trailing JSON whitespace): read straight into its buffer
+            # through the TLS transport too (service/http_protocol.py).
+            big = https.post("/v2/models/digits-cnn/infer", content=digits_body() + b" " * 300_000)
+            assert big.status_code == 200 and big.json()["outputs"] == r.json()["outputs"]
         with pytest.raises(httpx.HTTPError):  # plain HTTP on the TLS port gets no answer
             httpx.get(f"http://127.0.0.1:{srv.port}/v2/health/live", timeout=5)
         assert "https://" in srv.log()
