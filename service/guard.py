@@ -1,7 +1,8 @@
 """The outermost ASGI layer: request id and trace context, auth, drain, the in-flight bound, logs.
 
-It wraps the whole app (the raw infer fast path included, which bypasses FastAPI's middleware
-stack), so every HTTP request passes here exactly once:
+It wraps the whole app, and Kiln's HTTP protocol (service/http_protocol.py) calls the same steps
+(`context`, `admit`, `release`, `log`) for the infer requests it answers without ASGI, so every HTTP
+request passes here exactly once:
 
 1. request context: X-Request-ID (or a fresh id) and W3C `traceparent` into service.logs.REQUEST,
    echoed back as the `x-request-id` response header;
