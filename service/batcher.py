@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -85,6 +86,9 @@ class _Worker:
     thread: threading.Thread | None = None
     failures: int = 0  # consecutive failed batches
 
+
+# Staging slabs (max_batch_size rows each) a batcher keeps for reuse.
+SLABS_KEPT = 4
 
 # A runner whose batches fail this many times in a row is replaced by a fresh one.
 REPLACE_AFTER_FAILURES = 3
@@ -149,6 +153,10 @@ class Batcher:
         self._depth = metrics.QUEUE_DEPTH.labels(name, version)
         self._on_batch = on_batch
         self.inline = False           # decided by calibrate()
+        self._row_bytes = 0           # one row of the single input (calibrate), for staging()
+        self._slab: np.ndarray | None = None  # the slab staging() is filling
+        self._slab_used = 0
+        self._slabs: list[np.ndarray] = []    # slabs to reuse once nothing refers to them
         self._slow_inline = 0
         self._flush_scheduled = False
         self.workers = [_Worker(r) for r in runners]
@@ -180,6 +188,10 @@ class Batcher:
             self.cost.observe(size, min(times))
             if time.perf_counter() > deadline:
                 break
+        if self.policy.batching and len(sample) == 1:
+            only = next(iter(sample.values()))
+            if only.dtype != object and only.ndim and only.shape[0] == 1:
+                self._row_bytes = only.nbytes
         biggest = self.cost(max(self.policy.max_batch_size, 1))
         self.inline = len(self.workers) == 1 and biggest is not None and biggest < INLINE_MAX_S
         log.info("model %s v%s cost curve (ms): %s; %s", self.name, self.version,
@@ -236,6 +248,36 @@ class Batcher:
         if wake is not None:
             wake.wake.put(None)
         return fut
+
+    def staging(self, nbytes: int) -> np.ndarray | None:
+        """Memory (uint8) for a request's input tensor, received there straight from the socket
+        (service/http_protocol.py): consecutive requests get adjacent regions of one slab, so a
+        batch of them is a view of the slab and `_run` needs no concatenation. Only for batched
+        single-input models on runner threads; None when the size is not whole rows.
+
+        Slabs are reused, which spares the page faults of fresh memory, only once no array refers
+        to them any more: every view of a slab (regions, the arrays decoded from them, batches)
+        holds a reference to it, so its reference count says when it is free."""
+        rb = self._row_bytes
+        if not rb or self.inline or nbytes <= 0 or nbytes % rb or nbytes > rb * self.policy.max_batch_size:
+            return None
+        slab = self._slab
+        if slab is None or self._slab_used + nbytes > slab.nbytes:
+            slab = self._slab = self._free_slab(rb * self.policy.max_batch_size)
+            self._slab_used = 0
+        region = slab[self._slab_used:self._slab_used + nbytes]
+        self._slab_used += nbytes
+        return region
+
+    def _free_slab(self, size: int) -> np.ndarray:
+        slabs = self._slabs
+        for i in range(len(slabs)):
+            if sys.getrefcount(slabs[i]) == 2:  # the list's reference and the call's: free
+                return slabs[i]
+        slab = np.empty(size, np.uint8)
+        if len(slabs) < SLABS_KEPT:
+            slabs.append(slab)
+        return slab
 
     def _flush_inline(self) -> None:
         """Event-loop side: run everything queued now, in batches of up to max_batch_size rows."""
@@ -370,7 +412,7 @@ class Batcher:
             if len(batch) == 1:
                 inputs = batch[0].inputs
             else:
-                inputs = {k: np.concatenate([it.inputs[k] for it in batch]) for k in batch[0].inputs}
+                inputs = {k: _gather([it.inputs[k] for it in batch]) for k in batch[0].inputs}
             outputs = w.runner.infer(inputs)
             error = None
         except Exception as err:  # one bad batch must not kill the runner thread
@@ -459,6 +501,27 @@ class Batcher:
         for w in self.workers:
             if w.thread is not None and w.thread is not threading.current_thread():
                 w.thread.join(timeout)
+
+
+def _gather(arrays: list[np.ndarray]) -> np.ndarray:
+    """The arrays joined along the batch dimension: a view when they lie back to back in memory
+    (Batcher.staging), else a copy."""
+    first = arrays[0]
+    if first.flags.c_contiguous and first.size:
+        end = first.__array_interface__["data"][0] + first.nbytes
+        rows, size = first.shape[0], first.size
+        for a in arrays[1:]:
+            if not a.flags.c_contiguous or a.__array_interface__["data"][0] != end:
+                break
+            end += a.nbytes
+            rows += a.shape[0]
+            size += a.size
+        else:
+            # Every byte of the view belongs to one of `arrays` (same dtype and row shape: one batch
+            # key); they share one slab, which the view keeps alive through `first`.
+            whole = np.lib.stride_tricks.as_strided(first.reshape(-1), shape=(size,), strides=(first.itemsize,))
+            return whole.reshape(rows, *first.shape[1:])
+    return np.concatenate(arrays)
 
 
 def _resolve(items: list) -> None:

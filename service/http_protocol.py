@@ -86,7 +86,7 @@ class KilnHttpProtocol(HttpToolsProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         direct = self._direct
         if direct is not None:
-            return direct.view[direct.size:]
+            return direct.buffer()
         if self._scratch is None:
             self._scratch = memoryview(bytearray(_SCRATCH_BYTES))
         return self._scratch
@@ -167,7 +167,7 @@ class _InferCycle:
 
     __slots__ = ("proto", "path", "target", "headers", "keep_alive", "expect_100", "chunks", "size",
                  "more_body", "started", "dispatched", "response_complete", "disconnected", "ctx", "start_t",
-                 "admitted", "too_large", "message_event", "declared", "sized", "view")
+                 "admitted", "too_large", "message_event", "declared", "sized", "view", "tensor", "split")
 
     def __init__(self, proto: KilnHttpProtocol, path: str, target: tuple[str, str | None],
                  headers: list[tuple[bytes, bytes]], keep_alive: bool, expect_100: bool):
@@ -193,7 +193,9 @@ class _InferCycle:
             elif k == b"transfer-encoding":
                 chunked = True
         self.sized = self.sized and not chunked
-        self.view: memoryview | None = None  # the body buffer while the loop reads into it
+        self.view: memoryview | None = None    # the body buffer while the loop reads into it ...
+        self.tensor: memoryview | None = None  # ... and, when staged, the binary tensor's own buffer
+        self.split = 0                         # where the body passes from `view` to `tensor`
 
     def set(self) -> None:
         """Called by connection_lost (after setting `disconnected`): a client gone mid-body."""
@@ -212,19 +214,43 @@ class _InferCycle:
 
     def go_direct(self) -> bool:
         """Receive the rest of a Content-Length body straight into its final buffer (see
-        KilnHttpProtocol.get_buffer); not for bodies over the limit or requests already answered."""
+        KilnHttpProtocol.get_buffer); not for bodies over the limit or requests already answered.
+        A binary request's tensor goes into memory the model's batcher hands out (`staging`), so a
+        batch of such requests needs no concatenation; the JSON header into a small buffer of its own."""
         if (not self.sized or self.response_complete or self.too_large or self.size >= self.declared
                 or self.declared > self.proto.infer[1].body_limit):
             return False
-        # Not bytearray(n): it zero-fills 600 KB that recv is about to overwrite.
-        view = memoryview(np.empty(self.declared, np.uint8)).cast("B")
-        pos = 0
-        for c in self.chunks:
-            view[pos:pos + len(c)] = c
-            pos += len(c)
-        self.chunks = [view]
-        self.view = view
+        received = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        hlen = self._header_length()
+        region = self.proto.infer[1].staging(*self.target, self.declared - hlen) if hlen else None
+        if region is not None:
+            self.view, self.tensor, self.split = memoryview(bytearray(hlen)), memoryview(region), hlen
+            n = min(len(received), hlen)
+            self.view[:n] = received[:n]
+            self.tensor[:len(received) - n] = received[n:]
+        else:
+            # Not bytearray(n): it zero-fills 600 KB that recv is about to overwrite.
+            self.view, self.split = memoryview(np.empty(self.declared, np.uint8)).cast("B"), self.declared
+            self.view[:len(received)] = received
+        self.chunks = [self.view]
         return True
+
+    def _header_length(self) -> int:
+        """Inference-Header-Content-Length when the body is a JSON header plus binary tensors
+        (not compressed), else 0."""
+        hlen = 0
+        for k, v in self.headers:
+            if k == b"inference-header-content-length" and v.isdigit():
+                hlen = int(v)
+            elif k == b"content-encoding":
+                return 0
+        return hlen if hlen < self.declared else 0
+
+    def buffer(self) -> memoryview:
+        """Where the next body bytes go."""
+        if self.size < self.split:
+            return self.view[self.size:self.split]
+        return self.tensor[self.size - self.split:]
 
     def complete(self) -> None:
         self.more_body = False
@@ -265,16 +291,17 @@ class _InferCycle:
     def _dispatch(self) -> None:
         self.dispatched = True
         body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
-        self.chunks, self.view = [], None
+        binary = self.tensor
+        self.chunks, self.view, self.tensor = [], None, None
         proto = self.proto
-        task = proto.loop.create_task(self._run(body))
+        task = proto.loop.create_task(self._run(body, binary))
         task.add_done_callback(proto.tasks.discard)
         proto.tasks.add(task)
 
-    async def _run(self, body: bytes) -> None:
+    async def _run(self, body: bytes, binary: memoryview | None) -> None:
         REQUEST.set(self.ctx)  # this task's own context: log lines while serving carry the ids
         try:
-            reply = await self.proto.infer[1](*self.target, self.headers, body, self.start_t)
+            reply = await self.proto.infer[1](*self.target, self.headers, body, self.start_t, binary)
         except Exception as exc:  # the route answers its own errors; this is a bug, still answer
             reply = error_reply(KilnError(f"internal error: {type(exc).__name__}: {exc}"))
         except BaseException:  # cancelled: uvicorn's shutdown ran out of patience

@@ -72,8 +72,15 @@ class InferRoute:
             pass
         return error_reply(exc) if exc is not None else None
 
+    def staging(self, model: str, version: str | None, nbytes: int):
+        """Where to receive a request's binary tensor (see ModelVersion.staging), or None."""
+        try:
+            return self.repo.get(model, version).staging(nbytes)
+        except KilnError:
+            return None
+
     async def __call__(self, model: str, version: str | None, headers: list[tuple[bytes, bytes]],
-                       body: bytes, start: float | None = None) -> Reply:
+                       body: bytes, start: float | None = None, binary: memoryview | None = None) -> Reply:
         if start is None:
             start = time.perf_counter()
         try:
@@ -93,7 +100,7 @@ class InferRoute:
             mv.check_ready()
             if encoding:
                 body = decompress(body, encoding, self.body_limit)
-            req = decode_request(body, hlen, _single_input(mv))
+            req = decode_request(body, hlen, _single_input(mv), binary)
             mv.validate(req.inputs, req.datatypes)
             outputs_wanted = _requested_outputs(mv, req)
             decoded = time.perf_counter()

@@ -386,6 +386,11 @@ class ModelVersion:
                                 rebuild=new_runner)
         self._batcher.calibrate(sample)
 
+    def staging(self, nbytes: int) -> np.ndarray | None:
+        """Batcher memory to receive an input tensor into (Batcher.staging), or None."""
+        batcher = self._batcher
+        return batcher.staging(nbytes) if batcher is not None else None
+
     def enqueue(self, inputs: dict[str, np.ndarray]) -> asyncio.Future:
         """Into the batcher; the future resolves to (outputs, queue seconds, compute seconds)."""
         batcher = self._batcher

@@ -123,9 +123,11 @@ def decompress(body: bytes, encoding: str | None, limit: int | None = None) -> b
         raise InvalidInput(f"body is not valid {encoding}: {err}") from None
 
 
-def decode_request(body: bytes, header_length: str | None, single_input: tuple[str, str, tuple[int, ...]] | None
-                   ) -> InferRequest:
-    """Parse an infer request. `single_input` (name, datatype, shape) enables the raw binary form."""
+def decode_request(body: bytes, header_length: str | None, single_input: tuple[str, str, tuple[int, ...]] | None,
+                   binary: memoryview | None = None) -> InferRequest:
+    """Parse an infer request. `single_input` (name, datatype, shape) enables the raw binary form.
+    `binary`: the bytes after the JSON header when they were received apart from it (staged
+    straight into the batcher's memory, service/http_protocol.py); `body` is then the header only."""
     if header_length is not None:
         try:
             hlen = int(header_length)
@@ -139,7 +141,7 @@ def decode_request(body: bytes, header_length: str | None, single_input: tuple[s
         hlen = len(body)
     view = memoryview(body)
     header = _parse_header(view[:hlen])
-    binary = view[hlen:]
+    binary = view[hlen:] if binary is None else memoryview(binary)
 
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from backends.ort import OnnxRuntimeRunner
-from service.batcher import Batcher, BatchPolicy
+from service.batcher import Batcher, BatchPolicy, _gather
 from service.errors import Unavailable
 
 
@@ -61,8 +61,10 @@ def model_path(tmp_path_factory):
     return linear_model(tmp_path_factory.mktemp("lin") / "lin.onnx")
 
 
-@pytest.mark.parametrize("mode", ["threads", "inline", "two-instances"])
+@pytest.mark.parametrize("mode", ["threads", "inline", "two-instances", "staged"])
 def test_each_client_gets_its_own_rows_in_order(model_path, mode):
+    """`staged`: inputs live in Batcher.staging memory, as the HTTP protocol receives them, so
+    batches of adjacent requests are views of the slab instead of copies."""
     runners = [ort_runner(model_path) for _ in range(2 if mode == "two-instances" else 1)]
     sizes = []
     b = Batcher("lin", "1", runners, BatchPolicy(16, 0.004, (4, 8, 16), 10_000),
@@ -76,6 +78,12 @@ def test_each_client_gets_its_own_rows_in_order(model_path, mode):
 
     async def client(x, delay):
         await asyncio.sleep(delay)
+        if mode == "staged":
+            region = b.staging(x.nbytes)
+            assert region is not None
+            staged = np.frombuffer(region, np.float32).reshape(x.shape)
+            staged[...] = x
+            x = staged
         out, queue_s, compute_s = await b.submit({"x": x})
         return out, queue_s, compute_s
 
@@ -94,6 +102,49 @@ def test_each_client_gets_its_own_rows_in_order(model_path, mode):
     assert sum(sizes) == sum(len(x) for x in requests)
     assert max(sizes) > 5, f"requests were never merged: batch sizes {sorted(set(sizes))}"
     assert max(sizes) <= 16
+
+
+def test_staging_memory_makes_adjacent_requests_one_view(model_path):
+    b = Batcher("lin", "1", [ort_runner(model_path)], BatchPolicy(16, 0.004, (4, 8, 16), 100))
+    try:
+        b.calibrate({"x": np.zeros((1, 16), np.float32)})
+        b.inline = False  # a model this small would run inline, where staging is not used
+        rows = (1, 3, 2)
+        arrays = []
+        for i, n in enumerate(rows):
+            a = np.frombuffer(b.staging(n * 64), np.float32).reshape(n, 16)  # 64 bytes per row
+            a[...] = i + np.arange(n * 16, dtype=np.float32).reshape(n, 16)
+            arrays.append(a)
+        joined = _gather(arrays)
+        assert joined.shape == (6, 16) and np.shares_memory(joined, arrays[0])  # a view, no copy
+        np.testing.assert_array_equal(joined, np.concatenate(arrays))
+        # Not adjacent (another region in between) or not staged at all: a copy, same values.
+        gap = b.staging(64)
+        apart = np.frombuffer(b.staging(64), np.float32).reshape(1, 16)
+        assert gap is not None
+        mixed = _gather([arrays[0], apart, np.ones((2, 16), np.float32)])
+        assert not np.shares_memory(mixed, arrays[0]) and mixed.shape == (4, 16)
+        # Slabs (16 rows here) are reused only when nothing refers to them any more.
+        def slab_at() -> int:
+            return b._slab.__array_interface__["data"][0]  # noqa: SLF001
+
+        first = slab_at()
+        while slab_at() == first:  # fill the rest of the first slab
+            b.staging(64)
+        kept = arrays[1]
+        del arrays, joined, mixed, apart, gap, a
+        for _ in range(8):
+            b.staging(64 * 16)  # whole slabs: the first one is still referred to by `kept`
+            assert slab_at() != first
+        del kept
+        reused = [slab_at() == first for _ in range(8) if b.staging(64 * 16) is not None]
+        assert any(reused), "a slab nothing refers to was not reused"
+        assert b.staging(17 * 64) is None  # over max_batch_size
+        assert b.staging(100) is None      # not whole rows
+        b.inline = True
+        assert b.staging(64) is None       # inline models concatenate on the loop
+    finally:
+        b.close()
 
 
 def test_mixed_shapes_are_never_merged(tmp_path):

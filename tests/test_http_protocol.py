@@ -39,8 +39,11 @@ def repo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def srv(repo):
+    # KILN_INLINE_MAX_MS=0: digits-cnn on a runner thread, where binary tensors are staged in the
+    # batcher's memory (Batcher.staging) as they are received.
     server = start_server(repo / "repo", repo / "cache", log_dir=repo,
-                          env={"KILN_MAX_BODY_BYTES": str(LIMIT), "KILN_MAX_INFLIGHT": "1"})
+                          env={"KILN_MAX_BODY_BYTES": str(LIMIT), "KILN_MAX_INFLIGHT": "1",
+                               "KILN_INLINE_MAX_MS": "0"})
     yield server
     server.stop()
 
@@ -294,3 +297,51 @@ def test_asgi_route_under_another_server_gives_the_same_answers(srv, repo, refer
     finally:
         other.stop()
         log.close()
+
+
+def test_concurrent_staged_binary_requests_each_get_their_own_rows(repo):
+    """Binary tensors over one read are received into the batcher's staging memory (split from their
+    JSON header). Every client must get exactly its own rows. That back-to-back staged requests are
+    batched as one view of that memory is asserted in tests/test_batcher.py, where batches can be
+    forced; this cheap model rarely queues over HTTP."""
+    import threading
+
+    import onnxruntime as ort
+
+    (repo / "staged").mkdir(exist_ok=True)
+    server = start_server(repo / "repo", repo / "cache", log_dir=repo / "staged",
+                          env={"KILN_INLINE_MAX_MS": "0"})
+    sess = ort.InferenceSession(str(repo / "repo" / "digits-cnn" / "1" / "model.onnx"),
+                                providers=["CPUExecutionProvider"])
+    failures: list[str] = []
+    before = scrape(server.url)
+
+    def client(k: int) -> None:
+        rng = np.random.default_rng(100 + k)
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            for i in range(6):
+                x = rng.random((int(rng.integers(260, ROWS + 1)), 1, 8, 8), dtype=np.float32)  # > 64 KB
+                header = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                                                   "parameters": {"binary_data_size": x.nbytes}}]})
+                r = http.post("/v2/models/digits-cnn/infer", content=header + x.tobytes(),
+                              headers={"Inference-Header-Content-Length": str(len(header))})
+                if r.status_code != 200:
+                    failures.append(f"{k}/{i}: {r.status_code} {r.text[:200]}")
+                    continue
+                want = sess.run(None, {"input": x})[0]
+                got = _logits(r.content)
+                if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-4):
+                    failures.append(f"{k}/{i}: rows differ from in-process ONNX Runtime")
+
+    try:
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        after = scrape(server.url)
+    finally:
+        server.stop()
+    assert not failures, failures
+    assert value(after, "kiln_inference_requests_total", model="digits-cnn", outcome="success") - \
+        value(before, "kiln_inference_requests_total", model="digits-cnn", outcome="success") == 36
