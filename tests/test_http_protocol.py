@@ -169,7 +169,7 @@ def test_large_binary_and_gzip_bodies(srv, reference, form):
         body, extra = header + x.tobytes(), f"Inference-Header-Content-Length: {len(header)}\r\n"
     else:
         body, extra = gzip.compress(_json_body(x, "gz")), "Content-Encoding: gzip\r\n"
-    assert len(body) > 65536  # more than one read: the direct path
+    assert len(body) > 65536  # far more than one read: the direct path
     c = Conn(srv)
     c.send(_request(body, extra))
     status, _, out = c.response()
@@ -320,7 +320,7 @@ def test_concurrent_staged_binary_requests_each_get_their_own_rows(repo):
         rng = np.random.default_rng(100 + k)
         with httpx.Client(base_url=server.url, timeout=60) as http:
             for i in range(6):
-                x = rng.random((int(rng.integers(260, ROWS + 1)), 1, 8, 8), dtype=np.float32)  # > 64 KB
+                x = rng.random((int(rng.integers(260, ROWS + 1)), 1, 8, 8), dtype=np.float32)  # > 64 KB: direct
                 header = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
                                                    "parameters": {"binary_data_size": x.nbytes}}]})
                 r = http.post("/v2/models/digits-cnn/infer", content=header + x.tobytes(),
