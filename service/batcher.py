@@ -518,7 +518,7 @@ def _gather(arrays: list[np.ndarray]) -> np.ndarray:
             size += a.size
         else:
             # Every byte of the view belongs to one of `arrays` (same dtype and row shape: one batch
-            # key); they share one slab, which the view keeps alive through `first`.
+            # key), and the batch holds all of them while the runner uses the view.
             whole = np.lib.stride_tricks.as_strided(first.reshape(-1), shape=(size,), strides=(first.itemsize,))
             return whole.reshape(rows, *first.shape[1:])
     return np.concatenate(arrays)
