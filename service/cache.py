@@ -111,7 +111,7 @@ class CompileCache:
             workdir = Path(tempfile.mkdtemp(prefix=f".build-{key[:12]}-", dir=self.root))
         except OSError as err:
             # A read-only cache still serves its hits; a miss is built into a per-process temporary
-            # cache (lost at exit) rather than failing the model. docs/hardening.md.
+            # cache (removed at shutdown, `close`) rather than failing the model. docs/hardening.md.
             if self.fallback is None:
                 tmp = Path(tempfile.mkdtemp(prefix="kiln-cache-fallback-"))
                 log.warning("compile cache directory %s is not writable (%s): building into the temporary "
@@ -140,6 +140,12 @@ class CompileCache:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         return CacheResult(entry / manifest["artifact"], status, seconds, manifest)
+
+    def close(self) -> None:
+        """Remove the temporary fallback cache, if one was made: it is never reused after exit."""
+        if self.fallback is not None:
+            shutil.rmtree(self.fallback.root, ignore_errors=True)
+            self.fallback = None
 
     def update_manifest(self, key: str, **fields: Any) -> None:
         """Record facts learned after the build (e.g. gate results) next to the artifact."""

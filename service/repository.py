@@ -145,6 +145,7 @@ class ModelRepository:
             self.models = {}
         for mv in all_versions:
             mv.close()
+        self.cache.close()
 
     # -- lookup --------------------------------------------------------------------------------
     def get(self, name: str, version: str | None = None) -> ModelVersion:

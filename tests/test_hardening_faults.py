@@ -137,8 +137,11 @@ def test_readonly_cache_serves_hits_and_builds_misses_in_a_temporary_cache(tmp_p
             assert f"compile cache directory {cache} is not writable" in log and "temporary cache" in log
             config = httpx.get(srv.url + "/v2/models/newcomer/config").json()["kiln"]
             assert not config["artifact"].startswith(str(cache)) and "kiln-cache-fallback-" in config["artifact"]
+            fallback = next(p for p in Path(config["artifact"]).parents if p.name.startswith("kiln-cache-fallback-"))
+            assert fallback.is_dir()
         finally:
             assert srv.stop() == 0
+        assert not fallback.exists(), "the temporary fallback cache outlived the server"
     finally:
         _undo_readonly(cache)
     assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")).__len__() == 1
