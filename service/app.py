@@ -53,7 +53,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 class KilnApp(FastAPI):
     """FastAPI for every route but infer. `POST /v2/models/{m}[/versions/{v}]/infer` is answered by
-    Kiln's HTTP protocol before any ASGI work (service/http.py); under another server it takes the
+    Kiln's HTTP protocol before any ASGI work (service/http_protocol.py); under another server it takes the
     raw ASGI path below (no middleware stack, routing, dependency injection or pydantic). The FastAPI
     route of the same path stays declared for the OpenAPI schema and is never reached."""
 

@@ -71,7 +71,7 @@ class Guard:
             raise AttributeError(name)
         return getattr(self.app, name)
 
-    # -- the steps, shared by the ASGI wrapper below and the infer fast path (service/http.py) ------
+    # -- the steps, shared by the ASGI wrapper below and the infer fast path (service/http_protocol.py)
     def context(self, headers) -> tuple[tuple[str, str | None, str | None], str | None]:
         """((request id, trace id, parent span id), Authorization header) from the request headers."""
         rid_header = tp_header = auth_header = None

@@ -3,10 +3,11 @@
 uvicorn turns every request into ASGI: a scope dict, a RequestResponseCycle with an asyncio.Event,
 receive/send message dicts, header validation by regex, and Kiln's guard wrapping `send` in a
 closure. On a 784-float MLP that was a fifth to a quarter of the server's CPU per request (JSON
-133 → 106 µs, binary 101 → 73 µs once it was gone; docs/throughput.md). Here an infer request instead becomes an `_InferCycle`: the body is collected
-as the parser hands it over, the guard's steps (service/guard.py: request id, drain, in-flight bound,
-auth, logs) and the shared infer route (service/infer.py) run in one task, and the response is one
-`transport.write`. Everything else — other routes, websockets, keep-alive, pipelining, graceful
+133 → 106 µs, binary 101 → 73 µs once it was gone; docs/throughput.md). Here an infer request
+instead becomes an `_InferCycle`: the body is collected as the parser hands it over (or read straight
+into its buffer, see KilnHttpProtocol), the guard's steps (service/guard.py: request id, drain,
+in-flight bound, auth, logs) and the shared infer route (service/infer.py) run in one task, and the
+response is one `transport.write`. Everything else — other routes, websockets, keep-alive, pipelining, graceful
 shutdown, TLS — is uvicorn's own code, unchanged: `_InferCycle` has the attributes the protocol
 touches on a cycle, so pipelined requests of either kind queue behind each other in order.
 

@@ -1,6 +1,6 @@
 """The infer route, transport-free: (model, version, headers, body) → (status, headers, body).
 
-Two transports call it: the HTTP protocol's fast path (service/http.py), which answers
+Two transports call it: the HTTP protocol's fast path (service/http_protocol.py), which answers
 `POST …/infer` straight from httptools' callbacks, and the raw ASGI route in service/app.py (for any
 server other than Kiln's own protocol). One implementation, so both give the same answers.
 """
