@@ -86,31 +86,28 @@ def build_rows(src, out: Path, *, module, splits, x_eval, y_eval, calib, quick: 
     _size(r, src.onnx)
     rows.append(r)
 
-    # weight pruning (unstructured L1)
-    log("weight pruning (L1 unstructured 50%, fine-tune)")
-    amount_w = 0.5
-    pr = prune.prune_model(module, splits, "l1-unstructured", amount_w, ft, seed=seed, x_eval=x_eval, y_eval=y_eval)
-    f = models / "weight-pruning"
-    cmd = f"kiln optimize prune {m} --method l1-unstructured --amount {amount_w} --finetune-epochs {ft} --seed {seed} --out {_q(f)}"
-    modelio.write_model_folder(f, src=src, model=pr.model, max_drop=max_drop, info={"command": cmd, **pr.as_dict()})
-    r = Row("weight-pruning", f"weight pruning (L1 unstructured {amount_w:.0%})", "prune", cmd,
-            sources={"onnx": f / "1/model.onnx", "pt2": f / "1/model.pt2"}, folder=str(f), params=pr.params_after,
-            details={"sparsity": round(pr.sparsity, 4), "nonzero_params": pr.nonzero_after})
-    _size(r, f / "1/model.onnx")
-    rows.append(r)
+    def pruned(name: str, label: str, method: str, amount: float, details) -> Row:
+        """Prune `module` with `method`, fine-tune, write the folder and add its row."""
+        result = prune.prune_model(module, splits, method, amount, ft, seed=seed, x_eval=x_eval, y_eval=y_eval)
+        folder = models / name
+        cmd = (f"kiln optimize prune {m} --method {method} --amount {amount} --finetune-epochs {ft} --seed {seed} "
+               f"--out {_q(folder)}")
+        modelio.write_model_folder(folder, src=src, model=result.model, max_drop=max_drop,
+                                   info={"command": cmd, **result.as_dict()})
+        row = Row(name, label, "prune", cmd, sources={"onnx": folder / "1/model.onnx", "pt2": folder / "1/model.pt2"},
+                  folder=str(folder), params=result.params_after, details=details(result))
+        _size(row, folder / "1/model.onnx")
+        rows.append(row)
+        return row
 
-    # channel pruning
+    amount_w = 0.5
+    log("weight pruning (L1 unstructured 50%, fine-tune)")
+    pruned("weight-pruning", f"weight pruning (L1 unstructured {amount_w:.0%})", "l1-unstructured", amount_w,
+           lambda pr: {"sparsity": round(pr.sparsity, 4), "nonzero_params": pr.nonzero_after})
     amount_c = 0.3
     log(f"channel pruning (DepGraph, {amount_c:.0%} of channels, fine-tune)")
-    cp = prune.prune_model(module, splits, "channel", amount_c, ft, seed=seed, x_eval=x_eval, y_eval=y_eval)
-    fc = models / "channel-pruning"
-    cmd_c = f"kiln optimize prune {m} --method channel --amount {amount_c} --finetune-epochs {ft} --seed {seed} --out {_q(fc)}"
-    modelio.write_model_folder(fc, src=src, model=cp.model, max_drop=max_drop, info={"command": cmd_c, **cp.as_dict()})
-    r = Row("channel-pruning", f"channel pruning ({amount_c:.0%} of channels)", "prune", cmd_c,
-            sources={"onnx": fc / "1/model.onnx", "pt2": fc / "1/model.pt2"}, folder=str(fc), params=cp.params_after,
-            details={"widths": list(cp.model.config["widths"]), "hidden": cp.model.config["hidden"]})
-    _size(r, fc / "1/model.onnx")
-    rows.append(r)
+    channel = pruned("channel-pruning", f"channel pruning ({amount_c:.0%} of channels)", "channel", amount_c,
+                     lambda cp: {"widths": list(cp.model.config["widths"]), "hidden": cp.model.config["hidden"]})
 
     # INT8 static: each backend's recipe on the original
     r = Row("int8-static", "INT8 static (each backend's recipe)", "quantize",
@@ -173,8 +170,9 @@ def build_rows(src, out: Path, *, module, splits, x_eval, y_eval, calib, quick: 
 
     # combinations
     rows.append(Row("channel-pruning+int8", "channel pruning + INT8 static", "prune+quantize",
-                    f"{cmd_c} && kiln optimize quantize {_q(fc)} --backend BACKEND --mode static --out OUT",
-                    precision="int8", sources=dict(rows[2].sources), folder=str(fc), params=cp.params_after))
+                    f"{channel.command} && kiln optimize quantize {_q(Path(channel.folder))} --backend BACKEND "
+                    "--mode static --out OUT",
+                    precision="int8", sources=dict(channel.sources), folder=channel.folder, params=channel.params))
     rows.append(Row("distillation+int8", "distillation + INT8 static", "distill+quantize",
                     f"{cmd_k} && kiln optimize quantize {_q(fdist)} --backend BACKEND --mode static --out OUT",
                     precision="int8", sources={"onnx": fdist / "1/model.onnx", "pt2": fdist / "1/model.pt2"},
