@@ -57,21 +57,20 @@ def test_truncated_artifact_and_manifest_are_rebuilt(tmp_path):
     add_digits(repo)
     assert start_server(repo, cache, log_dir=tmp_path).stop() == 0
     (entry,) = [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+    def rebuilt_and_serving() -> None:
+        srv = start_server(repo, cache, log_dir=tmp_path)
+        try:
+            assert value(scrape(srv.url), "kiln_compile_cache_total", result="corrupt") == 1
+            assert httpx.post(srv.url + "/v2/models/digits-cnn/infer", content=digits_body()).status_code == 200
+        finally:
+            assert srv.stop() == 0
+
     (entry / "manifest.json").write_text('{"files": ')  # truncated manifest
-    srv = start_server(repo, cache, log_dir=tmp_path)
-    try:
-        assert value(scrape(srv.url), "kiln_compile_cache_total", result="corrupt") == 1
-        assert httpx.post(srv.url + "/v2/models/digits-cnn/infer", content=digits_body()).status_code == 200
-    finally:
-        assert srv.stop() == 0
+    rebuilt_and_serving()
     artifact = entry / "model.onnx"
     artifact.write_bytes(b"\0" * artifact.stat().st_size)  # same size, garbage bytes
-    srv = start_server(repo, cache, log_dir=tmp_path)
-    try:
-        assert value(scrape(srv.url), "kiln_compile_cache_total", result="corrupt") == 1
-        assert httpx.post(srv.url + "/v2/models/digits-cnn/infer", content=digits_body()).status_code == 200
-    finally:
-        assert srv.stop() == 0
+    rebuilt_and_serving()
 
 
 def test_source_broken_after_serving_fails_on_reload_while_others_serve(tmp_path):
