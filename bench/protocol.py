@@ -5,7 +5,8 @@ uvloop does: `get_buffer` / `buffer_updated` on 32 connections, into a transport
 dropped. The main thread's CPU time per request is the Python (and copy) cost of the HTTP, guard,
 decode, batcher and response path, free of the kernel's socket work and of machine noise, so small
 changes to that path can be compared (`taskset -c 0` for a steady core). The model still runs (inline
-on this thread for a cheap model, on its runner thread otherwise: that thread's time is not counted).
+on this thread for a cheap model, on its runner thread otherwise: that thread's CPU per request is
+printed apart, to compare with in-process ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -101,15 +102,20 @@ def main() -> None:
 
         await feed(per_rep // 10)  # warm-up
         prof = cProfile.Profile() if args.profile else None
+        batcher = app.state.repository.get(args.model)._batcher  # noqa: SLF001
+        runners = [] if batcher.inline else [time.pthread_getcpuclockid(w.thread.ident) for w in batcher.workers]
         for _ in range(3):
             t0 = time.thread_time()
+            r0 = sum(time.clock_gettime(c) for c in runners)
             if prof:
                 prof.enable()
             await feed(per_rep)
             if prof:
                 prof.disable()
+            runner = (f"; runner threads {(sum(time.clock_gettime(c) for c in runners) - r0) / per_rep * 1e6:.1f} µs"
+                      if runners else "; the model runs inline on the event loop")
             print(f"{args.model} {args.format}: {(time.thread_time() - t0) / per_rep * 1e6:.1f} µs of event-loop "
-                  f"CPU per request (no sockets{', under cProfile' if prof else ''})", flush=True)
+                  f"CPU per request (no sockets{', under cProfile' if prof else ''}){runner}", flush=True)
         assert all(t.writes for _, t in conns), "some connection was never answered"
         if prof:
             pstats.Stats(prof).sort_stats("tottime").print_stats(25)

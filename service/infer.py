@@ -67,7 +67,7 @@ class InferRoute:
         gone mid-body → None), under its model's outcome counter when the model exists."""
         try:
             mv = self.repo.get(model, version)
-            metrics.for_model(mv.name, mv.version).request("client_error").inc()
+            metrics.for_model(mv.name, mv.version).record("client_error")
         except KilnError:
             pass
         return error_reply(exc) if exc is not None else None
@@ -88,8 +88,8 @@ class InferRoute:
         except KilnError as exc:
             return error_reply(exc)
         m = metrics.for_model(mv.name, mv.version)
-        m.inflight.inc()
-        outcome = "server_error"
+        m.enter()
+        outcome, rows, phases = "server_error", 0, None
         try:
             encoding = hlen = None
             for k, v in headers:
@@ -111,13 +111,8 @@ class InferRoute:
                 for name, binary, k in outputs_wanted
             ])
             end = time.perf_counter()
-            outcome = "success"
-            m.decode.observe(decoded - start)
-            m.queue.observe(queue_s)
-            m.compute.observe(compute_s)
-            m.encode.observe(end - computed)
-            m.total.observe(end - start)
-            m.samples.inc(_batch(mv, req.inputs))
+            outcome, rows = "success", _batch(mv, req.inputs)
+            phases = (decoded - start, queue_s, compute_s, end - computed, end - start)
             return 200, [(k.encode(), v.encode()) for k, v in out_headers.items()], payload
         except KilnError as exc:
             outcome = exc.outcome
@@ -126,8 +121,8 @@ class InferRoute:
             log.exception("infer %s failed", model)
             return error_reply(KilnError(f"internal error: {type(exc).__name__}: {exc}"))
         finally:
-            m.inflight.dec()
-            m.request(outcome).inc()
+            m.leave()
+            m.record(outcome, rows, phases)
 
 
 def _single_input(mv: ModelVersion) -> tuple[str, str, tuple[int, ...]] | None:
