@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from backends.ort import OnnxRuntimeRunner
-from service.batcher import Batcher, BatchPolicy, _gather
+from service.batcher import Batcher, BatchPolicy, CostCurve, _gather
 from service.errors import Unavailable
 
 
@@ -145,6 +145,81 @@ def test_staging_memory_makes_adjacent_requests_one_view(model_path):
         assert b.staging(64) is None       # inline models concatenate on the loop
     finally:
         b.close()
+
+
+class Recording:
+    """A real runner that records each batch's input and waits for the test's gate first."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.gate = threading.Event()
+        self.batches: list[np.ndarray] = []
+
+    def infer(self, inputs):
+        self.gate.wait(10)
+        self.batches.append(inputs["x"])
+        return self.runner.infer(inputs)
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("case", ["out-of-order", "across-slabs", "copy-is-cheaper"])
+def test_batches_follow_staging_memory(model_path, case):
+    """Staged requests that complete out of order, or whose regions straddle two slabs, still make
+    batches that are views of the slab (service/batcher.py `_in_memory_order`), unless one more model
+    call costs more than copying; every client still gets its own rows."""
+    rec = Recording(ort_runner(model_path))
+    b = Batcher("lin", "1", [rec], BatchPolicy(16, 0.0, (), 100))
+    ref = ort_runner(model_path)
+    try:
+        rec.gate.set()
+        b.calibrate({"x": np.zeros((1, 16), np.float32)})
+        rec.gate.clear()
+        rec.batches.clear()
+        b.inline = False
+        b.cost = CostCurve()
+        _fake_slow_curve(b)  # batching pays: the batch size is what the queue holds, not cost-curve noise
+        if case == "copy-is-cheaper":
+            b._call_s, b._copy_row_s = 1.0, 0.0  # noqa: SLF001
+        else:
+            b._call_s, b._copy_row_s = 0.0, 1.0  # noqa: SLF001
+        if case != "out-of-order":
+            b.staging(13 * 64)  # the slab holds 16 rows: three more fit, the next three go to a new slab
+        rng = np.random.default_rng(3)
+        xs, staged = [], []
+        for _ in range(6):
+            x = rng.standard_normal((1, 16)).astype(np.float32)
+            a = np.frombuffer(b.staging(64), np.float32).reshape(1, 16)
+            a[...] = x
+            xs.append(x)
+            staged.append(a)
+        order = [2, 0, 1, 4, 3, 5] if case == "out-of-order" else list(range(6))
+
+        async def main():
+            blocker = asyncio.ensure_future(b.submit({"x": np.zeros((1, 16), np.float32)}))
+            await asyncio.sleep(0.05)  # the runner holds the blocker at the gate; the six queue up
+            futs = {i: asyncio.ensure_future(b.submit({"x": staged[i]})) for i in order}
+            await asyncio.sleep(0.01)
+            rec.gate.set()
+            await blocker
+            return {i: (await f)[0]["y"] for i, f in futs.items()}
+
+        outs = asyncio.run(main())
+    finally:
+        rec.gate.set()
+        b.close()
+    for i, x in enumerate(xs):
+        np.testing.assert_allclose(outs[i], ref.infer({"x": x})["y"], rtol=1e-5, atol=1e-5)
+    batches = rec.batches[1:]  # after the blocker
+    views = [any(np.shares_memory(batch, a) for a in staged) for batch in batches]
+    if case == "out-of-order":
+        assert [len(x) for x in batches] == [6] and views == [True]
+        np.testing.assert_array_equal(batches[0], np.concatenate(xs))  # address order
+    elif case == "across-slabs":
+        assert [len(x) for x in batches] == [3, 3] and views == [True, True]
+    else:
+        assert [len(x) for x in batches] == [6] and views == [False]
 
 
 def test_mixed_shapes_are_never_merged(tmp_path):
