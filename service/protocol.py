@@ -1,19 +1,22 @@
 """Open Inference Protocol codec: JSON and binary-extension requests in, responses out.
 
-The hot path parses the small JSON header with orjson and turns tensor data straight into numpy;
-binary tensors are views on the request body (`numpy.frombuffer`), never copied.
+The hot path parses the JSON with orjson, or with simdjson for bodies of 1 KB and more, whose float
+arrays become numpy arrays without a Python object per element; binary tensors are views on the
+request body (`numpy.frombuffer`), never copied.
 """
 
 from __future__ import annotations
 
 import math
 import struct
+import threading
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import orjson
+import simdjson
 
 from .datatypes import V2_TO_NUMPY, v2_datatype
 from .errors import InvalidInput, PayloadTooLarge
@@ -86,6 +89,8 @@ def _json_tensor(data: Any, datatype: str, shape: tuple[int, ...], name: str) ->
             arr = np.array([d.encode() if isinstance(d, str) else d for d in flat], dtype=object)
             if any(not isinstance(d, bytes) for d in arr):
                 raise ValueError("BYTES elements must be strings")
+        elif isinstance(data, np.ndarray):  # float data parsed by simdjson (_parse_simd): flat float64
+            arr = data.astype(V2_TO_NUMPY[datatype])
         else:
             arr = np.asarray(data, dtype=V2_TO_NUMPY[datatype])
     except (ValueError, TypeError, OverflowError) as err:
@@ -96,13 +101,73 @@ def _json_tensor(data: Any, datatype: str, shape: tuple[int, ...], name: str) ->
 
 
 def _parse_header(raw: bytes | memoryview) -> dict[str, Any]:
-    try:
-        header = orjson.loads(raw)
-    except orjson.JSONDecodeError as err:
-        raise InvalidInput(f"malformed JSON in request body: {err}") from None
+    header = _parse_simd(raw) if len(raw) >= SIMD_MIN_BYTES else None
+    if header is None:
+        try:
+            header = orjson.loads(raw)
+        except orjson.JSONDecodeError as err:
+            raise InvalidInput(f"malformed JSON in request body: {err}") from None
     if not isinstance(header, dict):
         raise InvalidInput("request body must be a JSON object")
     return header
+
+
+# Bodies from this size on are parsed with simdjson, whose float arrays go straight into numpy:
+# orjson makes a Python float per element (784 floats: 26 → 12 µs; 150,528 floats: 7.7 → 3.0 ms).
+SIMD_MIN_BYTES = 1024
+_FLOAT_TYPES = frozenset({"FP16", "FP32", "FP64"})
+_simd = threading.local()
+
+
+def _parse_simd(raw: bytes | memoryview) -> dict[str, Any] | None:
+    """The request as orjson would give it, except that the `data` of float inputs is a flat
+    float64 array. None for anything simdjson does not take (not an object, invalid JSON, integers
+    beyond 64 bits, ...): orjson then parses it and words any error, so answers do not depend on
+    the parser."""
+    try:
+        parser = getattr(_simd, "parser", None)
+        if parser is None:
+            parser = _simd.parser = simdjson.Parser()
+        try:
+            doc = parser.parse(raw)
+        except RuntimeError:  # proxies of a parse that failed half-way still refer to the parser
+            parser = _simd.parser = simdjson.Parser()
+            doc = parser.parse(raw)
+        if not isinstance(doc, simdjson.Object):
+            return None
+        return {key: _simd_inputs(doc[key]) if key == "inputs" else _plain(doc[key]) for key in doc.keys()}
+    except Exception:  # noqa: BLE001 - simdjson's errors are ValueError, TypeError, RuntimeError, ...
+        return None
+
+
+def _simd_inputs(inputs: Any) -> Any:
+    if not isinstance(inputs, simdjson.Array):
+        return _plain(inputs)
+    out = []
+    for item in inputs:
+        if not isinstance(item, simdjson.Object):
+            out.append(_plain(item))
+            continue
+        keys = list(item.keys())
+        entry = {key: _plain(item[key]) for key in keys if key != "data"}
+        if "data" in keys:
+            data = item["data"]
+            try:
+                if entry.get("datatype") not in _FLOAT_TYPES or not isinstance(data, simdjson.Array):
+                    raise TypeError
+                entry["data"] = np.frombuffer(data.as_buffer(of_type="d"), np.float64)
+            except (TypeError, ValueError):  # not float numbers only: the list, and the usual checks
+                entry["data"] = _plain(data)
+        out.append(entry)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, simdjson.Object):
+        return value.as_dict()
+    if isinstance(value, simdjson.Array):
+        return value.as_list()
+    return value
 
 
 def decompress(body: bytes, encoding: str | None, limit: int | None = None) -> bytes:
