@@ -270,6 +270,10 @@ class Batcher:
         if slab is None or self._slab_used + nbytes > slab.nbytes:
             slab = self._slab = self._free_slab(rb * self.policy.max_batch_size)
             self._slab_used = 0
+        elif self._slab_used and sys.getrefcount(slab) == 3 + any(s is slab for s in self._slabs):
+            # Nothing refers to the slab but this batcher (and `slab` here): start it over. At low
+            # concurrency every request then lands in the same memory, still warm in the cache.
+            self._slab_used = 0
         region = slab[self._slab_used:self._slab_used + nbytes]
         self._slab_used += nbytes
         return region
@@ -393,7 +397,7 @@ class Batcher:
         lie back to back make a batch that is a view of the slab, in address order; arrival order
         and slab boundaries break that up. Then the oldest request's run alone is the batch, and the
         rest runs next, when one more model call costs less than copying the whole batch (both
-        measured at warm-up: a 600 KB image is ~50 µs to copy, a ResNet call's fixed cost less)."""
+        measured at warm-up and logged with the cost curve)."""
         (name,) = batch[0].inputs
         runs: list[list[_Item]] = []
         end = -1
@@ -407,9 +411,9 @@ class Batcher:
             end = start + a.nbytes
         if len(runs) == 1:
             return runs[0], []
-        own = next(r for r in runs if batch[0] in r)
         if self._call_s >= rows * self._copy_row_s:  # copying is cheaper than one more model call
             return batch, []
+        own = next(r for r in runs if batch[0] in r)
         chosen = set(map(id, own))
         return own, [it for it in batch if id(it) not in chosen]
 
@@ -543,10 +547,10 @@ def _gather(arrays: list[np.ndarray]) -> np.ndarray:
     (Batcher.staging), else a copy."""
     first = arrays[0]
     if first.flags.c_contiguous and first.size:
-        end = first.__array_interface__["data"][0] + first.nbytes
+        end = _address(first) + first.nbytes
         rows, size = first.shape[0], first.size
         for a in arrays[1:]:
-            if not a.flags.c_contiguous or a.__array_interface__["data"][0] != end:
+            if not a.flags.c_contiguous or _address(a) != end:
                 break
             end += a.nbytes
             rows += a.shape[0]
