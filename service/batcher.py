@@ -198,9 +198,9 @@ class Batcher:
         self._call_s = _fixed_call_seconds(self.cost)
         biggest = self.cost(max(self.policy.max_batch_size, 1))
         self.inline = len(self.workers) == 1 and biggest is not None and biggest < INLINE_MAX_S
-        log.info("model %s v%s cost curve (ms): %s (fixed cost per call %.3f ms, copy per row %.3f ms); %s",
+        log.info("model %s v%s cost curve (ms): %s (fixed cost per call %.1f µs, copy per row %.2f µs); %s",
                  self.name, self.version, {k: round(v * 1000, 3) for k, v in self.cost.as_dict().items()},
-                 self._call_s * 1000, self._copy_row_s * 1000,
+                 self._call_s * 1e6, self._copy_row_s * 1e6,
                  "inline on the event loop" if self.inline else f"{len(self.workers)} runner thread(s)")
         return self.cost.as_dict()
 
