@@ -20,6 +20,15 @@ def digits_body(**request) -> bytes:
     return orjson.dumps({**DIGITS, **request})
 
 
+def assert_error_reply(http, path: str, body: bytes, headers: dict, status: int, needle: str) -> None:
+    """POST a bad request: it gets `status` and a v2 `{"error"}` body whose message names the problem."""
+    r = http.post(path, content=body, headers=headers)
+    assert r.status_code == status, r.text
+    err = r.json()
+    assert set(err) == {"error"}, err
+    assert needle.lower() in err["error"].lower(), err["error"]
+
+
 def faulty_model(path: Path) -> None:
     """y = Gather(table[10], Cast<int64>(x)): fine for |x| < 10, an ONNX Runtime error at run time
     ("indices element out of data bounds") for larger values. x: FP32 [-1, 4]."""

@@ -12,7 +12,8 @@ import httpx
 import orjson
 import pytest
 
-from tests.hardening_util import BUSY, DIGITS, add_busy, add_digits, add_slow, digits_body, slow_request
+from tests.hardening_util import (BUSY, DIGITS, add_busy, add_digits, add_slow, assert_error_reply, digits_body,
+                                   slow_request)
 from tests.kiln_server import start_server
 from tests.metrics_util import scrape, value
 
@@ -107,11 +108,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_limit_and_bad_input_has_its_status(http, case):
-    path, body, headers, status, needle = CASES[case]
-    r = http.post(path, content=body, headers=headers)
-    assert r.status_code == status, r.text
-    err = r.json()
-    assert set(err) == {"error"} and needle.lower() in err["error"].lower(), err
+    assert_error_reply(http, *CASES[case])
     ok = http.post("/v2/models/digits-cnn/infer", content=digits_body())
     assert ok.status_code == 200
 
