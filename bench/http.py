@@ -84,6 +84,22 @@ def loop_seconds(pid: int) -> float:
         return 0.0
 
 
+def switches(pid: int) -> tuple[int, int]:
+    """Context switches of the main (event-loop) thread that were waits (voluntary: each one a
+    wake-up later), and of every other thread that were preemptions (nonvoluntary)."""
+    loop_waits = preempted = 0
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (t / "status").read_text()
+        except OSError:
+            continue
+        if t.name == str(pid):
+            loop_waits += int(status.split("\nvoluntary_ctxt_switches:")[1].split()[0])
+        else:
+            preempted += int(status.split("nonvoluntary_ctxt_switches:")[1].split()[0])
+    return loop_waits, preempted
+
+
 def all_pids(pid: int) -> list[int]:
     out = [pid]
     try:
@@ -110,8 +126,10 @@ def load(url: str, path: str, body, conns: int, seconds: float, pid: int, warmup
     wrk(url, path, body, conns, warmup)
     pids = all_pids(pid)
     t0, s0, l0 = sum(cpu_ticks(p) for p in pids), sum(cpu_seconds(p) for p in pids), loop_seconds(pid)
+    w0 = switches(pid)
     res = wrk(url, path, body, conns, seconds)
     t1, s1, l1 = sum(cpu_ticks(p) for p in pids), sum(cpu_seconds(p) for p in pids), loop_seconds(pid)
+    w1 = switches(pid)
     n = max(res["requests"], 1)
     errors = res["status"] + res["read"] + res["write"] + res["connect"] + res["timeout"]
     return {
@@ -120,6 +138,8 @@ def load(url: str, path: str, body, conns: int, seconds: float, pid: int, warmup
         "p50_ms": res["p50_us"] / 1000, "p99_ms": res["p99_us"] / 1000,
         "cpu_us": (s1 - s0) * 1e6 / n,
         "loop_cpu_us": (l1 - l0) * 1e6 / n,  # of which the main (event-loop) thread
+        "loop_wakeups": (w1[0] - w0[0]) / n,  # per request: how often the loop slept and woke
+        "threads_preempted": (w1[1] - w0[1]) / n,  # per request: runner threads put off the core
         "cpu_us_ticks": (t1 - t0) / os.sysconf("SC_CLK_TCK") * 1e6 / n,
         "errors": errors, "requests": res["requests"],
     }
@@ -335,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ResNet 224² binary c=32: {r32['rps']:.1f} req/s = {r32['rps'] / inproc['resnet@32']:.2f}x "
               f"in-process batch-32 throughput ({inproc['resnet@32']:.1f} rows/s); server CPU per request: "
               f"event loop {r32['loop_cpu_us']:.0f} µs, runner {r32['cpu_us'] - r32['loop_cpu_us']:.0f} µs "
-              f"(in-process {1e6 / inproc['resnet@32']:.0f} µs per row)")
+              f"(in-process {1e6 / inproc['resnet@32']:.0f} µs per row); per request the loop woke "
+              f"{r32['loop_wakeups']:.2f} times and the runner was preempted {r32['threads_preempted']:.2f} times")
     r1, r1nb = get("kiln", "resnet", "binary", 1), get("kiln (no batching)", "resnet-nobatch", "binary", 1)
     if r1 and r1nb:
         print(f"ResNet c=1 p50: batching {r1['p50_ms']:.2f} ms vs no batching {r1nb['p50_ms']:.2f} ms")
