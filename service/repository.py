@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from . import heap
 from .cache import CompileCache
 from .config import NAME_RE, ModelConfig, load_config
 from .errors import ConfigError, InvalidInput, NotFound
@@ -38,9 +39,15 @@ def check_name(name: str) -> None:
         raise InvalidInput(f"invalid model name '{name}'")
 
 
+def _close(versions) -> None:
+    for mv in versions:
+        mv.close()
+
+
 class ModelRepository:
-    def __init__(self, root: Path, cache_dir: Path, only: list[str] | None = None):
+    def __init__(self, root: Path, cache_dir: Path, only: list[str] | None = None, freeze_heap: bool = False):
         self.root = Path(root)
+        self.freeze_heap = freeze_heap  # service/heap.py: settle the heap whenever the models change
         self.cache = CompileCache(cache_dir)
         self.only = set(only or [])
         self.models: dict[str, dict[str, ModelVersion]] = {}
@@ -107,7 +114,12 @@ class ModelRepository:
         except Exception:
             log.exception("loading the model repository failed")
         finally:
+            self._settle()  # before ready: the collection's pause lands on no request
             self.loading_done.set()
+
+    def _settle(self) -> None:
+        if self.freeze_heap:
+            heap.settle()
 
     def _load_dir(self, model_dir: Path) -> list[ModelVersion]:
         versions = self._versions_for(model_dir)
@@ -128,7 +140,10 @@ class ModelRepository:
 
     def load(self, name: str) -> list[ModelVersion]:
         """(Re)load one model from disk; the old versions serve until the new ones are built."""
-        return self._load_dir(self._model_dir(name))
+        try:
+            return self._load_dir(self._model_dir(name))
+        finally:
+            self._settle()
 
     def unload(self, name: str) -> None:
         check_name(name)
@@ -136,16 +151,18 @@ class ModelRepository:
             versions = self.models.pop(name, None)
         if versions is None:
             raise NotFound(f"model '{name}' is not loaded")
-        for mv in versions.values():
-            mv.close()
+        _close(versions.values())
+        del versions  # the collection in _settle must find the model unreferenced
+        self._settle()
 
     def close(self) -> None:
         with self._lock:
             all_versions = [mv for vs in self.models.values() for mv in vs.values()]
             self.models = {}
-        for mv in all_versions:
-            mv.close()
+        _close(all_versions)
         self.cache.close()
+        if self.freeze_heap:
+            heap.release()
 
     # -- lookup --------------------------------------------------------------------------------
     def get(self, name: str, version: str | None = None) -> ModelVersion:

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     # Only these models (comma-separated) are loaded; empty = all.
     models: str = ""
+    # Freeze the heap that startup and model loads leave out of Python's cyclic GC, whose full
+    # collections would otherwise stall the event loop ~20 ms each under load (service/heap.py).
+    gc_freeze: bool = True
 
     # -- hardening (docs/hardening.md) ------------------------------------------------------------
     # Log lines as text (humans) or one JSON object per line (log shippers); both carry the request id.
