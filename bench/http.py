@@ -230,19 +230,20 @@ def run_group(base: str, targets: list[Target], formats: list[str], conc: list[i
                 ordered = sorted(runs[t.label], key=lambda r: r["rps"])
                 r = dict(ordered[len(ordered) // 2])
                 r["rounds_rps"] = [round(x["rps"]) for x in runs[t.label]]
+                r["rounds_p99_ms"] = [round(x["p99_ms"], 2) for x in runs[t.label]]
                 r.update(server=t.label, model=t.model, format=fmt, c=c)
                 r["ratio"] = r["rps"] / inproc[base] if inproc.get(base) else None
                 results.append(r)
                 print(fmt_row(r), flush=True)
 
 
-def start_kiln(model_names: list[str]):
+def start_kiln(model_names: list[str], env: dict[str, str] | None = None):
     repo = models.build_repo(model_names)
     log_dir = WORK / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     return start_server(repo, WORK / "cache", log_dir=log_dir,
                         args=["--models", ",".join(model_names), "--log-level", "warning"],
-                        cpu=SERVER_CPU, timeout=900)
+                        cpu=SERVER_CPU, timeout=900, env=env)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peers", action="store_true", help="also MLServer and KServe (JSON, MLP)")
     ap.add_argument("--peer-list", default="mlserver,kserve")
     ap.add_argument("--no-kiln", action="store_true")
+    ap.add_argument("--kiln-variant", action="append", default=[], metavar="NAME=VALUE",
+                    help="also run Kiln with this environment variable, interleaved with the others "
+                         "(repeatable), e.g. KILN_GC_FREEZE=false")
     ap.add_argument("--out", default=str(WORK / "results.json"))
     args = ap.parse_args(argv)
     if not shutil.which("wrk"):
@@ -301,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
                     # The no-batching comparison is about the batcher, not the encoding: binary only.
                     targets.append(Target("kiln (no batching)", srv.url, srv.proc.pid, "resnet-nobatch",
                                           ["binary"], True))
+                for variant in args.kiln_variant:
+                    name, _, value = variant.partition("=")
+                    vs = start_kiln(kiln_models, env={name: value})
+                    procs.append(vs)
+                    targets.append(Target(f"kiln ({variant})", vs.url, vs.proc.pid, base, fm, True))
             if base != "resnet":
                 from bench.peers import servers
 
@@ -357,6 +366,11 @@ def main(argv: list[str] | None = None) -> int:
               f"event loop {r32['loop_cpu_us']:.0f} µs, runner {r32['cpu_us'] - r32['loop_cpu_us']:.0f} µs "
               f"(in-process {1e6 / inproc['resnet@32']:.0f} µs per row); per request the loop woke "
               f"{r32['loop_wakeups']:.2f} times and the runner was preempted {r32['threads_preempted']:.2f} times")
+    for variant in args.kiln_variant:
+        for r in results:
+            if r["server"] == f"kiln ({variant})" and (k := get("kiln", r["model"], r["format"], r["c"])):
+                print(f"{r['model']} {r['format']} c={r['c']}: kiln ({variant}) / kiln = {r['rps'] / k['rps']:.2f}x "
+                      f"req/s; p99 ms per round: kiln {k['rounds_p99_ms']}, kiln ({variant}) {r['rounds_p99_ms']}")
     r1, r1nb = get("kiln", "resnet", "binary", 1), get("kiln (no batching)", "resnet-nobatch", "binary", 1)
     if r1 and r1nb:
         print(f"ResNet c=1 p50: batching {r1['p50_ms']:.2f} ms vs no batching {r1nb['p50_ms']:.2f} ms")
