@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import pstats
 import time
 
@@ -101,6 +102,16 @@ def main() -> None:
                     await asyncio.wait(list(state.tasks))
 
         await feed(per_rep // 10)  # warm-up
+        full_gcs: list[float] = []  # full (generation 2) collections while measuring: event-loop stalls
+        started = [0.0]
+
+        def on_gc(phase: str, info: dict) -> None:
+            if phase == "start":
+                started[0] = time.perf_counter()
+            elif info["generation"] == 2:
+                full_gcs.append(time.perf_counter() - started[0])
+
+        gc.callbacks.append(on_gc)
         prof = cProfile.Profile() if args.profile else None
         batcher = app.state.repository.get(args.model)._batcher  # noqa: SLF001
         runners = [] if batcher.inline else [time.pthread_getcpuclockid(w.thread.ident) for w in batcher.workers]
@@ -116,6 +127,10 @@ def main() -> None:
                       if runners else "; the model runs inline on the event loop")
             print(f"{args.model} {args.format}: {(time.thread_time() - t0) / per_rep * 1e6:.1f} µs of event-loop "
                   f"CPU per request (no sockets{', under cProfile' if prof else ''}){runner}", flush=True)
+        gc.callbacks.remove(on_gc)
+        print(f"full garbage collections while measuring: {len(full_gcs)} in {3 * per_rep:,} requests"
+              + (f", {sum(full_gcs) / len(full_gcs) * 1000:.1f} ms each on average" if full_gcs else "")
+              + f" (KILN_GC_FREEZE={'on' if gc.get_freeze_count() else 'off'})")
         assert all(t.writes for _, t in conns), "some connection was never answered"
         if prof:
             pstats.Stats(prof).sort_stats("tottime").print_stats(25)

@@ -2,10 +2,10 @@
 
 After startup a server's heap is mostly objects that live as long as the process: modules, the app,
 ONNX Runtime sessions, compiled models. Every full (generation 2) collection walks all of them:
-~20-25 ms with the benchmark's MLP loaded (`bench.protocol` under a gc callback), a stall of the
-event loop, and so of every request in flight, several times a minute under load. `gc.freeze()`
-moves everything alive at that moment to the permanent generation, which collections skip; the
-garbage that requests make is collected as before.
+~26 ms with the benchmark's MLP loaded, about once per 20,000 requests under load
+(`KILN_GC_FREEZE=false python -m bench.protocol --model mlp`), a stall of the event loop and so of
+every request in flight. `gc.freeze()` moves everything alive at that moment to the permanent
+generation, which collections skip; the garbage that requests make is collected as before.
 
 Frozen objects are never collected, even when they later become unreachable reference cycles, so
 the heap is settled again (unfreeze, full collection, freeze) whenever the set of loaded models
