@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     # Only these models (comma-separated) are loaded; empty = all.
     models: str = ""
     # Freeze the heap that startup and model loads leave out of Python's cyclic GC, whose full
-    # collections would otherwise stall the event loop ~20 ms each under load (service/heap.py).
+    # collections would otherwise stall the event loop ~25 ms each under load (service/heap.py).
     gc_freeze: bool = True
 
     # -- hardening (docs/hardening.md) ------------------------------------------------------------
