@@ -129,6 +129,16 @@ class CostCurve:
     def as_dict(self) -> dict[int, float]:
         return {k: self.points[k] for k in self._sorted}
 
+    def fixed_seconds(self) -> float:
+        """A call's cost beyond its rows: t(1) minus the per-row slope between the two largest
+        measured sizes (inf when there are not two)."""
+        keys = self._sorted
+        if len(keys) < 2 or keys[0] != 1:
+            return float("inf")
+        hi, lo = keys[-1], keys[-2]
+        slope = (self.points[hi] - self.points[lo]) / (hi - lo)
+        return max(0.0, self.points[1] - slope)
+
 
 class Batcher:
     def __init__(self, name: str, version: str, runners: list[Any], policy: BatchPolicy,
@@ -195,7 +205,7 @@ class Batcher:
             if only.dtype != object and only.ndim and only.shape[0] == 1:
                 self._row_bytes = only.nbytes
                 self._copy_row_s = _copy_seconds_per_row(only, self.policy.max_batch_size)
-        self._call_s = _fixed_call_seconds(self.cost)
+        self._call_s = self.cost.fixed_seconds()
         biggest = self.cost(max(self.policy.max_batch_size, 1))
         self.inline = len(self.workers) == 1 and biggest is not None and biggest < INLINE_MAX_S
         log.info("model %s v%s cost curve (ms): %s (fixed cost per call %.1f µs, copy per row %.2f µs); %s",
@@ -576,17 +586,6 @@ def _copy_seconds_per_row(row: np.ndarray, rows: int) -> float:
         np.concatenate(parts)
         best = min(best, time.perf_counter() - t)
     return best / len(parts)
-
-
-def _fixed_call_seconds(cost: CostCurve) -> float:
-    """A call's cost beyond its rows: t(1) minus the per-row slope between the two largest
-    calibrated sizes (inf when there are not two)."""
-    keys = cost._sorted  # noqa: SLF001
-    if len(keys) < 2 or keys[0] != 1:
-        return float("inf")
-    hi, lo = keys[-1], keys[-2]
-    slope = (cost(hi) - cost(lo)) / (hi - lo)
-    return max(0.0, cost(1) - slope)
 
 
 def _resolve(items: list) -> None:
