@@ -7,7 +7,6 @@ same runner, in batches of at most 32.
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -139,25 +138,10 @@ def compile_artifact(backend_name: str, sources: dict[str, Path], precision: str
 
 
 def time_runner(runner, input_name: str, x: np.ndarray, batch: int, runs: int, warmup: int = 20, blocks: int = 3) -> float:
-    """p50 latency in ms of ``runner.infer`` at ``batch``: the lowest of ``blocks`` block medians.
+    """Median latency in ms of ``runner.infer`` at ``batch`` (``backends.timing``'s statistic)."""
+    from backends.timing import time_runner as time_backend_runner
 
-    Splitting the timed calls into blocks and keeping the quietest block's median guards the figure
-    against bursts of load from other processes on a shared machine; within a block it is a plain median.
-    """
-    idx = np.arange(batch) % len(x)
-    sample = {input_name: np.ascontiguousarray(x[idx])}
-    for _ in range(warmup):
-        runner.infer(sample)
-    per_block = max(runs // blocks, 5)
-    medians = []
-    for _ in range(blocks):
-        times = []
-        for _ in range(per_block):
-            t = time.perf_counter()
-            runner.infer(sample)
-            times.append(time.perf_counter() - t)
-        medians.append(statistics.median(times))
-    return min(medians) * 1e3
+    return time_backend_runner(runner, {input_name: x}, batch, runs, warmup, blocks).median_ms
 
 
 def runner_accuracy(runner, input_name: str, x: np.ndarray, y: np.ndarray, batch: int = 32) -> float:

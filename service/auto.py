@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -31,13 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from backends import backend_names, get_backend
+from backends import backend_names, get_backend, timing
 
 from .cache import FORMAT, cpu_fingerprint, file_sha256
 
 if TYPE_CHECKING:
     from .model import ModelVersion
-    from .verify import Reference
+    from backends.reference import Reference
 
 log = logging.getLogger("kiln.auto")
 
@@ -101,20 +100,8 @@ def _write_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def time_runner(runner, inputs: dict[str, np.ndarray], batch_sizes: list[int], runs: int,
                 warmup: int) -> dict[str, float]:
-    rows = len(next(iter(inputs.values())))
-    out = {}
-    for b in batch_sizes:
-        idx = np.arange(b) % rows
-        sample = {k: np.ascontiguousarray(v[idx]) for k, v in inputs.items()}
-        for _ in range(warmup):
-            runner.infer(sample)
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            runner.infer(sample)
-            times.append(time.perf_counter() - t)
-        out[str(b)] = round(statistics.median(times) * 1000, 5)
-    return out
+    """Median ms per batch size, keyed by the size as a string (the decision file's format)."""
+    return {str(b): round(timing.time_runner(runner, inputs, b, runs, warmup).median_ms, 5) for b in batch_sizes}
 
 
 def score(latency_ms: dict[str, float]) -> float:

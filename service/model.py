@@ -16,15 +16,16 @@ from typing import Any
 import numpy as np
 
 from backends import BackendUnavailable, CompileOptions, Runner, TensorInfo, get_backend
+from backends.datatypes import V2_TO_TRITON
+from backends.reference import Reference
+from backends.signature import read_signature
 
 from . import metrics
 from .batcher import Batcher, BatchPolicy
 from .cache import CacheResult, CompileCache, compile_key
 from .config import ModelConfig, TensorSpec
-from .datatypes import V2_TO_TRITON
 from .errors import InvalidInput, KilnError, Unavailable
-from .source import read_signature
-from .verify import (ParityResult, Reference, compare, generate_inputs, load_npz_inputs, run_batched, tolerance,
+from .verify import (ParityResult, compare, generate_inputs, load_npz_inputs, run_batched, tolerance,
                      top1)
 
 log = logging.getLogger("kiln.model")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .datatypes import V2_TO_NUMPY
+from backends.datatypes import V2_TO_NUMPY
 
 PARAMETERS = {
     "type": "object",

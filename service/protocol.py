@@ -18,7 +18,7 @@ import numpy as np
 import orjson
 import simdjson
 
-from .datatypes import V2_TO_NUMPY, v2_datatype
+from backends.datatypes import V2_TO_NUMPY, v2_datatype
 from .errors import InvalidInput, PayloadTooLarge
 
 HEADER = "inference-header-content-length"

@@ -1,7 +1,6 @@
 """The gates a compiled model passes before READY: parity with the source, and accuracy.
 
-Reference = ONNX Runtime FP32 on the CPU over the ONNX source (torch.export's program when the
-model has only a `.pt2`).
+The reference they compare with is `backends.reference.Reference`, shared with `kiln optimize`.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import numpy as np
 
 from backends import TensorInfo
 
-from .datatypes import numpy_dtype
+from backends.datatypes import numpy_dtype
 
 
 @dataclass
@@ -144,34 +143,3 @@ def run_batched(infer, inputs: dict[str, np.ndarray], batch: int) -> dict[str, n
 
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits.reshape(len(labels), -1), axis=1) == labels))
-
-
-class Reference:
-    """FP32 execution of the source, the yardstick of every gate."""
-
-    def __init__(self, sources: dict[str, Path]):
-        if "onnx" in sources:
-            import onnxruntime as ort
-
-            so = ort.SessionOptions()
-            so.log_severity_level = 3
-            self._session = ort.InferenceSession(str(sources["onnx"]), so, providers=["CPUExecutionProvider"])
-            self._names = [o.name for o in self._session.get_outputs()]
-            self.kind = "onnxruntime-fp32"
-        else:
-            import torch
-
-            self._module = torch.export.load(str(sources["pt2"])).module()
-            self.kind = "torch-fp32"
-
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.kind == "onnxruntime-fp32":
-            from backends.ort import ort_strings
-
-            return dict(zip(self._names, self._session.run(self._names, {k: ort_strings(v) for k, v in inputs.items()})))
-        import torch
-
-        with torch.no_grad():
-            out = self._module(*(torch.from_numpy(np.ascontiguousarray(v)) for v in inputs.values()))
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        return {f"output_{i}": o.numpy() for i, o in enumerate(outs)}

@@ -8,7 +8,7 @@ import pytest
 from backends import CompileOptions, get_backend
 from service.config import parse_config
 from service.errors import ConfigError
-from service.source import onnx_signature
+from backends.signature import onnx_signature
 from service.verify import tolerance
 from tests.test_backends_serve import DIGITS
 
