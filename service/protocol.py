@@ -1,12 +1,14 @@
 """Open Inference Protocol codec: JSON and binary-extension requests in, responses out.
 
-The hot path parses the JSON with orjson, or with simdjson for bodies of 1 KB and more, whose float
-arrays become numpy arrays without a Python object per element; binary tensors are views on the
-request body (`numpy.frombuffer`), never copied.
+Every JSON header is parsed by simdjson, whatever its size (one grammar: a repeated key or a UTF-8
+BOM is a 400), and numeric `data` becomes a numpy array without a Python object per element, checked
+strictly against its datatype; binary tensors are views on the request body (`numpy.frombuffer`),
+never copied.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 import threading
@@ -73,102 +75,318 @@ def encode_bytes_elements(arr: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def _shape(raw: Any, name: str) -> tuple[int, ...]:
-    if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
+# -- the JSON header: one grammar, whatever the body's size ---------------------------------------
+# Every JSON header is parsed by simdjson, small or large: float and integer `data` go straight into
+# numpy without a Python object per element, and a 330-byte body parses as fast as with orjson
+# (python -m bench.decode). orjson only words the error of a document simdjson refuses. A UTF-8 BOM
+# and a repeated key are 400s (docs/hardening.md, "JSON requests").
+_BOM = b"\xef\xbb\xbf"
+_INT64_MAX = 2**63 - 1
+_simd = threading.local()
+_DATA_SCAN = 1 << 20  # leaf elements searched for the culprit when a data array is refused
+
+
+@dataclass
+class _TensorHeader:
+    """One entry of `inputs`, its JSON checked: `data` is flat and of the datatype, or None when
+    the tensor travels binary (parameters.binary_data_size)."""
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    parameters: dict[str, Any]
+    data: np.ndarray | None
+
+
+@dataclass
+class _Header:
+    id: str | None
+    parameters: dict[str, Any]
+    inputs: list[_TensorHeader]
+    outputs: list[RequestedOutput] | None
+    binary_output_default: bool
+
+
+def _parse_header(raw: bytes | memoryview) -> _Header:
+    if raw[:3] == _BOM:
+        raise InvalidInput("request JSON starts with a UTF-8 byte order mark (BOM); JSON sent over a network "
+                           "must not have one (RFC 8259, section 8.1)")
+    try:
+        doc = _parse(raw)
+    except (ValueError, RuntimeError) as err:  # simdjson's parse errors (UnicodeDecodeError is a ValueError)
+        raise InvalidInput(f"malformed JSON in request body: {_json_error(raw, err)}") from None
+    if not isinstance(doc, simdjson.Object):
+        del doc
+        raise InvalidInput("request body must be a JSON object")
+    try:
+        return _header(doc)
+    except InvalidInput as err:
+        message = err.message
+    # Raised from here, after the except block: the traceback that held simdjson proxies of `doc` is
+    # gone, so the thread's parser is free for the next request.
+    del doc
+    raise InvalidInput(message)
+
+
+def _parse(raw: bytes | memoryview) -> Any:
+    parser = getattr(_simd, "parser", None)
+    if parser is None:
+        parser = _simd.parser = simdjson.Parser()
+    try:
+        return parser.parse(raw)
+    except RuntimeError as err:
+        if "re-use a parser" not in str(err):
+            raise
+    # Proxies of an earlier document are still alive somewhere (an exception not yet freed): a fresh parser.
+    parser = _simd.parser = simdjson.Parser()
+    return parser.parse(raw)
+
+
+def _json_error(raw: bytes | memoryview, err: Exception) -> str:
+    """orjson's words (with line and column) for a document simdjson refused."""
+    try:
+        orjson.loads(raw)
+    except orjson.JSONDecodeError as oerr:
+        return str(oerr)
+    if str(err).startswith(("BIGINT_ERROR", "NUMBER_ERROR")):  # orjson makes such an integer a float
+        return ("an integer literal does not fit in 64 bits (-2**63 to 2**64-1); write a float with a "
+                "decimal point or an exponent")
+    return str(err)
+
+
+def _members(obj: simdjson.Object, where: str, read: tuple[str, ...]) -> dict[str, Any]:
+    """The members Kiln reads of a JSON object, once the object is known to repeat no key: RFC 8259
+    leaves a repeated name to the parser (orjson keeps the last, simdjson and RapidJSON the first),
+    so a request that a proxy and Kiln could read differently is refused."""
+    keys = list(obj)
+    present = set(keys)
+    if len(present) != len(keys):
+        raise InvalidInput(f"duplicate key '{_repeated(keys)}' in {where}")
+    return {key: obj[key] for key in read if key in present}
+
+
+def _repeated(keys: list[str]) -> str:
+    seen: set[str] = set()
+    for key in keys:
+        if key in seen:
+            return key
+        seen.add(key)
+    raise AssertionError("no repeated key")
+
+
+def _parameters(value: Any, where: str) -> dict[str, Any]:
+    """A `$parameters` object: string keys, each once, to a string, number or boolean."""
+    if value is None:  # an optional member sent as null (pydantic-based clients do): absent
+        return {}
+    if not isinstance(value, simdjson.Object):
+        raise InvalidInput(f"{where}: 'parameters' must be a JSON object")
+    pairs = list(value.items())
+    params = dict(pairs)
+    if len(params) != len(pairs):
+        raise InvalidInput(f"duplicate key '{_repeated([k for k, _ in pairs])}' in {where} parameters")
+    for key, v in params.items():
+        if not isinstance(v, (str, int, float)):  # bool is an int
+            raise InvalidInput(f"{where}: parameter '{key}' must be a string, number or boolean, not {_show(v)}")
+    return params
+
+
+def _flag(params: dict[str, Any], key: str, where: str, default: bool) -> bool:
+    value = params.get(key, default)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{where}: parameters.{key} must be a boolean (true or false), not {_show(value)}")
+    return value
+
+
+def _header(doc: simdjson.Object) -> _Header:
+    m = _members(doc, "the request", ("id", "parameters", "inputs", "outputs"))
+    rid = m.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise InvalidInput(f"'id' must be a JSON string, not {_show(rid)}")
+    params = _parameters(m.get("parameters"), "the request")
+    default_binary = _flag(params, "binary_data_output", "the request", False)
+    raw_inputs = m.get("inputs")
+    if not isinstance(raw_inputs, simdjson.Array) or not len(raw_inputs):
+        raise InvalidInput("request needs a non-empty 'inputs' list")
+    inputs: list[_TensorHeader] = []
+    names: set[str] = set()
+    for i, item in enumerate(raw_inputs):
+        tensor = _input(item, i)
+        if tensor.name in names:
+            raise InvalidInput(f"input '{tensor.name}' given twice")
+        names.add(tensor.name)
+        inputs.append(tensor)
+    outputs = None
+    raw_outputs = m.get("outputs")
+    if raw_outputs is not None:
+        if not isinstance(raw_outputs, simdjson.Array):
+            raise InvalidInput("'outputs' must be a list")
+        outputs = [_output(o, i, default_binary) for i, o in enumerate(raw_outputs)]
+    return _Header(rid, params, inputs, outputs, default_binary)
+
+
+def _input(item: Any, i: int) -> _TensorHeader:
+    if not isinstance(item, simdjson.Object):
+        raise InvalidInput("each input needs a 'name'")
+    m = _members(item, f"inputs[{i}]", ("name", "datatype", "shape", "parameters", "data"))
+    name = m.get("name")
+    if not isinstance(name, str):
+        raise InvalidInput("each input needs a 'name'")
+    datatype = m.get("datatype")
+    if datatype not in V2_TO_NUMPY:
+        raise InvalidInput(f"input '{name}': unknown datatype {_show(datatype)}")
+    shape = _shape(m.get("shape"), name, datatype)
+    params = _parameters(m.get("parameters"), f"input '{name}'")
+    size = params.get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidInput(f"input '{name}': binary_data_size must be a non-negative integer")
+        return _TensorHeader(name, datatype, shape, params, None)
+    if "data" not in m:
+        raise InvalidInput(f"input '{name}' has neither 'data' nor parameters.binary_data_size")
+    return _TensorHeader(name, datatype, shape, params, json_data(m["data"], datatype, name))
+
+
+def _output(item: Any, i: int, default_binary: bool) -> RequestedOutput:
+    if not isinstance(item, simdjson.Object):
+        raise InvalidInput("each requested output needs a 'name'")
+    m = _members(item, f"outputs[{i}]", ("name", "parameters"))
+    name = m.get("name")
+    if not isinstance(name, str):
+        raise InvalidInput("each requested output needs a 'name'")
+    where = f"output '{name}'"
+    params = _parameters(m.get("parameters"), where)
+    cls = params.get("classification", 0)
+    if not isinstance(cls, int) or isinstance(cls, bool) or cls < 0:
+        raise InvalidInput(f"{where}: classification must be a non-negative integer")
+    return RequestedOutput(name, _flag(params, "binary_data", where, default_binary), cls)
+
+
+def _shape(raw: Any, name: str, datatype: str) -> tuple[int, ...]:
+    """The shape, checked before anything is allocated for it: non-negative int64 dimensions, at
+    most MAX_DIMS, and a tensor numpy can address even when another dimension is 0 ([2**62, 0] of
+    FP32 would be 2**64 bytes per unit of the 0 dimension)."""
+    if not isinstance(raw, simdjson.Array):
         raise InvalidInput(f"input '{name}': 'shape' must be a list of non-negative integers")
     if len(raw) > MAX_DIMS:
         raise InvalidInput(f"input '{name}': {len(raw)} dimensions (at most {MAX_DIMS})")
-    return tuple(raw)
+    dims = raw.as_list()
+    span = V2_TO_NUMPY[datatype].itemsize  # exact: Python integers do not overflow
+    for d in dims:
+        if type(d) is not int or d < 0 or d > _INT64_MAX:
+            raise InvalidInput(f"input '{name}': 'shape' must be a list of non-negative integers below 2**63")
+        if d:
+            span *= d
+    if span > _INT64_MAX:
+        raise InvalidInput(f"input '{name}': shape {dims} is too large: its non-zero dimensions make "
+                           f"{span:,} bytes of {datatype}, more than 2**63-1")
+    return tuple(dims)
 
 
-def _json_tensor(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
-    count = math.prod(shape)
-    try:
-        if datatype == "BYTES":
-            flat = np.array(data, dtype=object).reshape(-1)
-            arr = np.array([d.encode() if isinstance(d, str) else d for d in flat], dtype=object)
-            if any(not isinstance(d, bytes) for d in arr):
-                raise ValueError("BYTES elements must be strings")
-        elif isinstance(data, np.ndarray):  # float data parsed by simdjson (_parse_simd): flat float64
-            arr = data.astype(V2_TO_NUMPY[datatype])
-        else:
-            arr = np.asarray(data, dtype=V2_TO_NUMPY[datatype])
-    except (ValueError, TypeError, OverflowError) as err:
-        raise InvalidInput(f"input '{name}': data is not valid {datatype}: {err}") from None
-    if arr.size != count:
-        raise InvalidInput(f"input '{name}': shape {list(shape)} needs {count} elements, data has {arr.size}")
-    return arr.reshape(shape)
+# -- JSON tensor data, strictly by datatype -------------------------------------------------------
+_BUFFER_TYPES = {"f": ("d", np.dtype(np.float64)), "i": ("i", np.dtype(np.int64)), "u": ("u", np.dtype(np.uint64))}
+_WANTED = {"f": "JSON numbers", "i": "JSON integers", "u": "JSON integers"}
 
 
-def _parse_header(raw: bytes | memoryview) -> dict[str, Any]:
-    header = _parse_simd(raw) if len(raw) >= SIMD_MIN_BYTES else None
-    if header is None:
+def json_data(value: Any, datatype: str, name: str) -> np.ndarray:
+    """The JSON `data` of one input as a flat array of the datatype's dtype, or a 400 that names the
+    first element at fault. As Triton reads it: BOOL takes true/false only, integer types take JSON
+    integers only (no 1.0, no 1e2), float types any JSON number; never null, strings or booleans for
+    numbers; BYTES takes strings. Beyond Triton, every value must fit its datatype: INT8 300,
+    UINT8 -1 and FP32 1e39 (which would become inf) are refused. Nested arrays are flattened.
+    Numbers are checked with numpy over the whole array: no Python object per element."""
+    if not isinstance(value, simdjson.Array):
+        raise InvalidInput(f"input '{name}': 'data' must be a JSON array, not {_show(value)}")
+    dtype = V2_TO_NUMPY[datatype]
+    if dtype.kind in _BUFFER_TYPES:
+        of_type, buffer_dtype = _BUFFER_TYPES[dtype.kind]
         try:
-            header = orjson.loads(raw)
-        except orjson.JSONDecodeError as err:
-            raise InvalidInput(f"malformed JSON in request body: {err}") from None
-    if not isinstance(header, dict):
-        raise InvalidInput("request body must be a JSON object")
-    return header
-
-
-# Bodies from this size on are parsed with simdjson, whose float arrays go straight into numpy:
-# orjson makes a Python float per element (JSON to numpy, 784 floats: 26 → 12 µs; 150,528 floats:
-# 7.7 → 3.0 ms).
-SIMD_MIN_BYTES = 1024
-_FLOAT_TYPES = frozenset({"FP16", "FP32", "FP64"})
-_simd = threading.local()
-
-
-def _parse_simd(raw: bytes | memoryview) -> dict[str, Any] | None:
-    """The request as orjson would give it, except that the `data` of float inputs is a flat
-    float64 array. None for anything simdjson does not take (not an object, invalid JSON, integers
-    beyond 64 bits, ...): orjson then parses it and words any error, so answers do not depend on
-    the parser."""
-    try:
-        parser = getattr(_simd, "parser", None)
-        if parser is None:
-            parser = _simd.parser = simdjson.Parser()
+            flat = np.frombuffer(value.as_buffer(of_type=of_type), buffer_dtype)
+        except (TypeError, ValueError):  # an element of another JSON type, or an integer beyond 64 bits
+            flat = None
+        if flat is None:
+            raise InvalidInput(f"input '{name}': {_culprit(value, datatype, name)}")
+        return _narrow(flat, dtype, datatype, name)
+    if datatype == "BOOL":
         try:
-            doc = parser.parse(raw)
-        except RuntimeError:  # proxies of a parse that failed half-way still refer to the parser
-            parser = _simd.parser = simdjson.Parser()
-            doc = parser.parse(raw)
-        if not isinstance(doc, simdjson.Object):
-            return None
-        return {key: _simd_inputs(doc[key]) if key == "inputs" else _plain(doc[key]) for key in doc.keys()}
-    except Exception:  # noqa: BLE001 - simdjson's errors are ValueError, TypeError, RuntimeError, ...
-        return None
-
-
-def _simd_inputs(inputs: Any) -> Any:
-    if not isinstance(inputs, simdjson.Array):
-        return _plain(inputs)
-    out = []
-    for item in inputs:
-        if not isinstance(item, simdjson.Object):
-            out.append(_plain(item))
-            continue
-        keys = list(item.keys())
-        entry = {key: _plain(item[key]) for key in keys if key != "data"}
-        if "data" in keys:
-            data = item["data"]
-            try:
-                if entry.get("datatype") not in _FLOAT_TYPES or not isinstance(data, simdjson.Array):
-                    raise TypeError
-                entry["data"] = np.frombuffer(data.as_buffer(of_type="d"), np.float64)
-            except (TypeError, ValueError):  # not float numbers only: the list, and the usual checks
-                entry["data"] = _plain(data)
-        out.append(entry)
+            arr = np.array(value.as_list())
+        except ValueError:  # ragged nesting: flattened below
+            arr = None
+        if arr is not None and (arr.dtype == np.bool_ or arr.size == 0):
+            return arr.reshape(-1).astype(np.bool_, copy=False)
+        leaves = list(_leaves(value, name))
+        for i, v in enumerate(leaves):
+            if type(v) is not bool:
+                raise InvalidInput(f"input '{name}': element {i} is {_show(v)}: BOOL data must be true or false")
+        return np.array(leaves, dtype=np.bool_)
+    leaves = list(_leaves(value, name))  # BYTES
+    for i, v in enumerate(leaves):
+        if type(v) is not str:
+            raise InvalidInput(f"input '{name}': element {i} is {_show(v)}: BYTES data must be JSON strings")
+    out = np.empty(len(leaves), dtype=object)
+    out[:] = [s.encode() for s in leaves]
     return out
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, simdjson.Object):
-        return value.as_dict()
-    if isinstance(value, simdjson.Array):
-        return value.as_list()
-    return value
+def _narrow(flat: np.ndarray, dtype: np.dtype, datatype: str, name: str) -> np.ndarray:
+    """float64 / int64 / uint64 as parsed → the datatype, refusing what does not fit."""
+    if dtype.kind == "f":
+        if dtype.itemsize == 8:
+            return flat
+        with np.errstate(over="ignore"):
+            out = flat.astype(dtype)
+        # JSON has no inf or NaN, so one in `out` is an overflow of the cast; a finite sum proves there
+        # is none in one pass (an infinite sum may be the sum's own overflow: then look element-wise).
+        if not math.isfinite(out.sum()) and np.isinf(out).any():
+            i = int(np.argmax(np.isinf(out)))
+            raise InvalidInput(f"input '{name}': element {i} is {float(flat[i])!r}, out of range for {datatype} "
+                               f"(largest finite value {float(np.finfo(dtype).max)!r})")
+        return out
+    if dtype.itemsize < 8 and flat.size:
+        info = np.iinfo(dtype)
+        if flat.min() < info.min or flat.max() > info.max:
+            i = int(np.argmax((flat < info.min) | (flat > info.max)))
+            raise InvalidInput(f"input '{name}': element {i} is {int(flat[i])}, out of range for {datatype} "
+                               f"[{info.min}, {info.max}]")
+    return flat.astype(dtype, copy=False)
+
+
+def _culprit(value: simdjson.Array, datatype: str, name: str) -> str:
+    """Why simdjson would not flatten a numeric data array: the first element that is not a number
+    of the datatype, searched among the first _DATA_SCAN elements (a bound on work for a bad body)."""
+    kind = V2_TO_NUMPY[datatype].kind
+    info = np.iinfo(V2_TO_NUMPY[datatype]) if kind != "f" else None
+    for i, v in enumerate(itertools.islice(_leaves(value, name), _DATA_SCAN)):
+        number = type(v) in (int, float) if kind == "f" else type(v) is int
+        if not number:
+            return f"element {i} is {_show(v)}: {datatype} data must be {_WANTED[kind]}"
+        if info is not None and not info.min <= v <= info.max:
+            return f"element {i} is {v}, out of range for {datatype} [{info.min}, {info.max}]"
+    return f"{datatype} data must be {_WANTED[kind]}"
+
+
+def _leaves(arr: simdjson.Array, name: str, depth: int = 1):
+    """The elements of a nested data array in row-major order, one at a time."""
+    for v in arr:
+        if isinstance(v, simdjson.Array):
+            if depth >= MAX_DIMS:
+                raise InvalidInput(f"input '{name}': 'data' is nested deeper than {MAX_DIMS} levels")
+            yield from _leaves(v, name, depth + 1)
+        else:
+            yield v
+
+
+def _show(v: Any) -> str:
+    """A JSON value as the client wrote it, shortly, for error messages."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f"the string {orjson.dumps(v[:32]).decode()}" + ("…" if len(v) > 32 else "")
+    if isinstance(v, (simdjson.Object, dict)):
+        return "an object"
+    if isinstance(v, (simdjson.Array, list)):
+        return "an array"
+    return repr(v)
 
 
 def decompress(body: bytes, encoding: str | None, limit: int | None = None) -> bytes:
@@ -206,38 +424,22 @@ def decode_request(body: bytes, header_length: str | None, single_input: tuple[s
     else:
         hlen = len(body)
     view = memoryview(body)
-    header = _parse_header(view[:hlen])
+    header = _parse_header(body if hlen == len(body) and isinstance(body, bytes) else view[:hlen])
     binary = view[hlen:] if binary is None else memoryview(binary)
 
-    raw_inputs = header.get("inputs")
-    if not isinstance(raw_inputs, list) or not raw_inputs:
-        raise InvalidInput("request needs a non-empty 'inputs' list")
     inputs: dict[str, np.ndarray] = {}
     datatypes: dict[str, str] = {}
     offset = 0
-    for item in raw_inputs:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise InvalidInput("each input needs a 'name'")
-        name = item["name"]
-        if name in inputs:
-            raise InvalidInput(f"input '{name}' given twice")
-        datatype = item.get("datatype")
-        if datatype not in V2_TO_NUMPY:
-            raise InvalidInput(f"input '{name}': unknown datatype '{datatype}'")
-        shape = _shape(item.get("shape"), name)
-        params = item.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise InvalidInput(f"input '{name}': 'parameters' must be an object")
-        size = params.get("binary_data_size")
-        if size is not None:
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise InvalidInput(f"input '{name}': binary_data_size must be a non-negative integer")
+    for t in header.inputs:
+        name, datatype, shape = t.name, t.datatype, t.shape
+        count = math.prod(shape)
+        if t.data is None:
+            size = t.parameters["binary_data_size"]
             if offset + size > len(binary):
                 raise InvalidInput(f"input '{name}': binary_data_size {size} runs past the end of the body "
                                    f"({len(binary) - offset} bytes left)")
             chunk = binary[offset:offset + size]
             offset += size
-            count = math.prod(shape)
             if datatype == "BYTES":
                 arr = _decode_bytes_elements(chunk, count, name).reshape(shape)
             else:
@@ -247,37 +449,16 @@ def decode_request(body: bytes, header_length: str | None, single_input: tuple[s
                                        f"{count * dtype.itemsize} bytes, binary_data_size is {size}")
                 arr = np.frombuffer(chunk, dtype=dtype).reshape(shape)
         else:
-            if "data" not in item:
-                raise InvalidInput(f"input '{name}' has neither 'data' nor parameters.binary_data_size")
-            arr = _json_tensor(item["data"], datatype, shape, name)
+            if t.data.size != count:
+                raise InvalidInput(f"input '{name}': shape {list(shape)} needs {count} elements, "
+                                   f"data has {t.data.size}")
+            arr = t.data.reshape(shape)
         inputs[name] = arr
         datatypes[name] = datatype
     if offset != len(binary):
         raise InvalidInput(f"body has {len(binary) - offset} bytes beyond the declared binary tensors")
-
-    params = header.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise InvalidInput("'parameters' must be an object")
-    outputs = None
-    raw_outputs = header.get("outputs")
-    if raw_outputs is not None:
-        if not isinstance(raw_outputs, list):
-            raise InvalidInput("'outputs' must be a list")
-        outputs = []
-        for o in raw_outputs:
-            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-                raise InvalidInput("each requested output needs a 'name'")
-            op = o.get("parameters") or {}
-            if not isinstance(op, dict):
-                raise InvalidInput(f"output '{o['name']}': 'parameters' must be an object")
-            cls = op.get("classification", 0)
-            if not isinstance(cls, int) or isinstance(cls, bool) or cls < 0:
-                raise InvalidInput(f"output '{o['name']}': classification must be a non-negative integer")
-            outputs.append(RequestedOutput(o["name"], bool(op.get("binary_data", params.get("binary_data_output", False))), cls))
-    rid = header.get("id")
-    if rid is not None and not isinstance(rid, str):
-        rid = str(rid)
-    return InferRequest(rid, inputs, datatypes, outputs, bool(params.get("binary_data_output", False)), params)
+    return InferRequest(header.id, inputs, datatypes, header.outputs, header.binary_output_default,
+                        header.parameters)
 
 
 def _raw_binary(body: bytes, single_input: tuple[str, str, tuple[int, ...]] | None) -> InferRequest:
