@@ -312,12 +312,12 @@ def json_data(value: Any, datatype: str, name: str) -> np.ndarray:
             arr = None
         if arr is not None and (arr.dtype == np.bool_ or arr.size == 0):
             return arr.reshape(-1).astype(np.bool_, copy=False)
-        leaves = list(_leaves(value, name))
+        leaves = list(_leaves(value))
         for i, v in enumerate(leaves):
             if type(v) is not bool:
                 raise InvalidInput(f"input '{name}': element {i} is {_show(v)}: BOOL data must be true or false")
         return np.array(leaves, dtype=np.bool_)
-    leaves = list(_leaves(value, name))  # BYTES
+    leaves = list(_leaves(value))  # BYTES
     for i, v in enumerate(leaves):
         if type(v) is not str:
             raise InvalidInput(f"input '{name}': element {i} is {_show(v)}: BYTES data must be JSON strings")
@@ -354,7 +354,7 @@ def _culprit(value: simdjson.Array, datatype: str, name: str) -> str:
     of the datatype, searched among the first _DATA_SCAN elements (a bound on work for a bad body)."""
     kind = V2_TO_NUMPY[datatype].kind
     info = np.iinfo(V2_TO_NUMPY[datatype]) if kind != "f" else None
-    for i, v in enumerate(itertools.islice(_leaves(value, name), _DATA_SCAN)):
+    for i, v in enumerate(itertools.islice(_leaves(value), _DATA_SCAN)):
         number = type(v) in (int, float) if kind == "f" else type(v) is int
         if not number:
             return f"element {i} is {_show(v)}: {datatype} data must be {_WANTED[kind]}"
@@ -363,15 +363,18 @@ def _culprit(value: simdjson.Array, datatype: str, name: str) -> str:
     return f"{datatype} data must be {_WANTED[kind]}"
 
 
-def _leaves(arr: simdjson.Array, name: str, depth: int = 1):
-    """The elements of a nested data array in row-major order, one at a time."""
-    for v in arr:
-        if isinstance(v, simdjson.Array):
-            if depth >= MAX_DIMS:
-                raise InvalidInput(f"input '{name}': 'data' is nested deeper than {MAX_DIMS} levels")
-            yield from _leaves(v, name, depth + 1)
-        else:
+def _leaves(arr: simdjson.Array):
+    """The elements of a nested data array in row-major order, one at a time, whatever the nesting
+    (a stack, not recursion: simdjson allows 1024 levels, Python's recursion limit is lower)."""
+    stack = [iter(arr)]
+    while stack:
+        for v in stack[-1]:
+            if isinstance(v, simdjson.Array):
+                stack.append(iter(v))
+                break
             yield v
+        else:
+            stack.pop()
 
 
 def _show(v: Any) -> str:

@@ -1,13 +1,17 @@
-"""Every v2 datatype ONNX Runtime supports round-trips through JSON and binary tensors."""
+"""Every v2 datatype ONNX Runtime supports round-trips through JSON and binary tensors, and JSON
+values a v2 server refuses for a datatype get a 400 naming the element (issue 17 item 8)."""
 
 from __future__ import annotations
 
+import httpx
 import numpy as np
 import onnx
+import orjson
 import pytest
 import tritonclient.http as httpclient
 from onnx import TensorProto, helper
 
+from tests.hardening_util import assert_error_reply
 from tests.kiln_server import start_server
 
 TYPES = {  # v2 name: (onnx type, numpy dtype)
@@ -55,6 +59,10 @@ def sample(name: str, dtype) -> np.ndarray:
 
 @pytest.mark.parametrize("binary", [True, False])
 def test_all_datatypes_round_trip(identity_server, binary):
+    _round_trip(identity_server, binary)
+
+
+def _round_trip(identity_server, binary: bool) -> None:
     client = httpclient.InferenceServerClient(identity_server.address)
     meta = client.get_model_metadata("identity")
     assert {i["datatype"] for i in meta["inputs"]} == set(TYPES)
@@ -79,3 +87,34 @@ def test_all_datatypes_round_trip(identity_server, binary):
             assert got.dtype == arr.dtype, out_name
             np.testing.assert_array_equal(got, arr, err_msg=out_name)
     client.close()
+
+
+def refused(name: str) -> list:
+    """JSON values a v2 server refuses for the datatype: other JSON types, and values it cannot hold."""
+    if name == "BOOL":
+        return [0, 1, None, "true"]
+    if name == "BYTES":
+        return [1, None, True]
+    dtype = np.dtype(TYPES[name][1])
+    if dtype.kind == "f":
+        overflow = {"FP16": [1e5, -65520.0], "FP32": [1e39, -3.5e38], "FP64": []}[name]
+        return [*overflow, None, True, "1.0"]
+    info = np.iinfo(dtype)
+    outside = [v for v in (int(info.min) - 1, int(info.max) + 1) if -2**63 <= v < 2**64]
+    return [*outside, 1.0, 2.5, None, False, "1"]
+
+
+@pytest.mark.parametrize("name", list(TYPES))
+def test_json_values_outside_each_datatype_are_400s(identity_server, name):
+    """Was: null → NaN, 1e39 → inf, "1.0" and true → 1.0, INT8 300 → 44, UINT8 -1 → 255."""
+    good = {"BOOL": True, "BYTES": "s"}.get(name, 1)
+    http = httpx.Client(base_url=identity_server.url, timeout=30)
+    try:
+        for bad in refused(name):
+            body = orjson.dumps({"inputs": [{"name": f"in_{name.lower()}", "datatype": name, "shape": [1, 3],
+                                             "data": [good, good, bad]}]})
+            assert_error_reply(http, "/v2/models/identity/infer", body, {}, 400,
+                               f"input 'in_{name.lower()}': element 2 is ")
+    finally:
+        http.close()
+    _round_trip(identity_server, binary=False)  # and the server still answers every datatype

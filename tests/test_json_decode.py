@@ -203,11 +203,16 @@ def test_every_datatype_takes_ragged_and_nested_data_flattened_and_checks_the_co
     assert "'data' must be a JSON array, not" in _one(datatype, value, shape=[1])
 
 
-def test_data_nested_deeper_than_any_tensor_is_refused():
-    deep = [1]
-    for _ in range(40):
-        deep = [deep, "x"]
-    assert "nested deeper than 32 levels" in _one("BYTES", deep, shape=[1])
+@pytest.mark.parametrize("datatype", ["BOOL", "BYTES", "INT32", "FP32"])
+def test_deeply_nested_data_is_flattened_for_every_datatype(datatype):
+    """Nesting up to simdjson's 1024 levels is flattened alike by numeric and element-wise paths."""
+    value = orjson.dumps({"BOOL": True, "BYTES": "s"}.get(datatype, 1))
+    deep = b"[" * 1000 + value + b"]" * 1000  # orjson would not write it
+    got = _one(datatype, b"[%s, %s, [[%s]]]" % (deep, value, value), shape=[3])
+    assert got[0] == V2_TO_NUMPY[datatype].str and got[1] == (3,)
+    bad = b"null" if datatype != "BYTES" else b"0"
+    assert "element 1 is" in _one(datatype, b"[%s, %s, [[%s]]]" % (deep, bad, value), shape=[3])
+    assert "malformed JSON" in _one(datatype, b"[" * 1100 + b"]" * 1100, shape=[0])  # simdjson's depth limit
 
 
 # -- the request's other members -----------------------------------------------------------------
