@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from backends.datatypes import V2_TO_NUMPY
+from service import protocol
 from service.errors import InvalidInput
 from service.protocol import decode_request
 
@@ -308,9 +309,13 @@ def test_malformed_json_is_worded_with_its_position(raw, needle):
 
 
 def test_the_parser_is_reusable_after_a_refused_request():
-    """A refusal raised while simdjson proxies are alive must not leave the thread's parser 'in use'."""
+    """A refusal raised while simdjson proxies are alive must not leave the thread's parser 'in use'
+    (the next request would need a fresh parser, whose buffers grow again)."""
+    _decode(orjson.dumps({"inputs": [X]}))
+    parser = protocol._simd.parser  # noqa: SLF001
     for bad in (SIZE_CASES["null in fp32"], SIZE_CASES["inputs twice"], b'{"inputs": [{"name": "x", "datatype": '
                 b'"INT8", "shape": [1], "data": [1000]}]}', b'{"a": 123456789012345678901234567890}'):
         assert isinstance(_decode(bad), str)
         tensors = _decode(orjson.dumps({"inputs": [{**X, "data": [1.0, 2.5]}]}))[0]
         assert tensors == {"x": ("<f4", (2,), [1.0, 2.5])}
+        assert protocol._simd.parser is parser  # noqa: SLF001
