@@ -84,6 +84,9 @@ _BOM = b"\xef\xbb\xbf"
 _INT64_MAX = 2**63 - 1
 _simd = threading.local()
 _DATA_SCAN = 1 << 20  # leaf elements searched for the culprit when a data array is refused
+_REQUEST_KEYS = frozenset({"id", "parameters", "inputs", "outputs"})  # the members Kiln reads
+_INPUT_KEYS = frozenset({"name", "datatype", "shape", "parameters", "data"})
+_OUTPUT_KEYS = frozenset({"name", "parameters"})
 
 
 @dataclass
@@ -153,15 +156,14 @@ def _json_error(raw: bytes | memoryview, err: Exception) -> str:
     return str(err)
 
 
-def _members(obj: simdjson.Object, where: str, read: tuple[str, ...]) -> dict[str, Any]:
+def _members(obj: simdjson.Object, where: str, read: frozenset[str]) -> dict[str, Any]:
     """The members Kiln reads of a JSON object, once the object is known to repeat no key: RFC 8259
     leaves a repeated name to the parser (orjson keeps the last, simdjson and RapidJSON the first),
     so a request that a proxy and Kiln could read differently is refused."""
     keys = list(obj)
-    present = set(keys)
-    if len(present) != len(keys):
+    if len(set(keys)) != len(keys):
         raise InvalidInput(f"duplicate key '{_repeated(keys)}' in {where}")
-    return {key: obj[key] for key in read if key in present}
+    return {key: obj[key] for key in keys if key in read}  # a key read once: no repeat is fetched
 
 
 def _repeated(keys: list[str]) -> str:
@@ -179,10 +181,9 @@ def _parameters(value: Any, where: str) -> dict[str, Any]:
         return {}
     if not isinstance(value, simdjson.Object):
         raise InvalidInput(f"{where}: 'parameters' must be a JSON object")
-    pairs = list(value.items())
-    params = dict(pairs)
-    if len(params) != len(pairs):
-        raise InvalidInput(f"duplicate key '{_repeated([k for k, _ in pairs])}' in {where} parameters")
+    params = value.as_dict()  # values must be scalars, so converting them all at once costs nothing
+    if len(params) != len(value):  # len() of the simdjson object counts every member, repeats included
+        raise InvalidInput(f"duplicate key '{_repeated(list(value))}' in {where} parameters")
     for key, v in params.items():
         if not isinstance(v, (str, int, float)):  # bool is an int
             raise InvalidInput(f"{where}: parameter '{key}' must be a string, number or boolean, not {_show(v)}")
@@ -197,7 +198,7 @@ def _flag(params: dict[str, Any], key: str, where: str, default: bool) -> bool:
 
 
 def _header(doc: simdjson.Object) -> _Header:
-    m = _members(doc, "the request", ("id", "parameters", "inputs", "outputs"))
+    m = _members(doc, "the request", _REQUEST_KEYS)
     rid = m.get("id")
     if rid is not None and not isinstance(rid, str):
         raise InvalidInput(f"'id' must be a JSON string, not {_show(rid)}")
@@ -226,7 +227,7 @@ def _header(doc: simdjson.Object) -> _Header:
 def _input(item: Any, i: int) -> _TensorHeader:
     if not isinstance(item, simdjson.Object):
         raise InvalidInput("each input needs a 'name'")
-    m = _members(item, f"inputs[{i}]", ("name", "datatype", "shape", "parameters", "data"))
+    m = _members(item, f"inputs[{i}]", _INPUT_KEYS)
     name = m.get("name")
     if not isinstance(name, str):
         raise InvalidInput("each input needs a 'name'")
@@ -248,7 +249,7 @@ def _input(item: Any, i: int) -> _TensorHeader:
 def _output(item: Any, i: int, default_binary: bool) -> RequestedOutput:
     if not isinstance(item, simdjson.Object):
         raise InvalidInput("each requested output needs a 'name'")
-    m = _members(item, f"outputs[{i}]", ("name", "parameters"))
+    m = _members(item, f"outputs[{i}]", _OUTPUT_KEYS)
     name = m.get("name")
     if not isinstance(name, str):
         raise InvalidInput("each requested output needs a 'name'")
