@@ -17,8 +17,10 @@ PARAMETERS = {
     "description": "$parameters: string, number or boolean values. Reserved: timeout (µs), binary_data_output, ...",
     "additionalProperties": {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]},
 }
-TENSOR_DATA = {"description": "Row-major tensor data, flat or nested (absent when parameters.binary_data_size "
-                              "points into the binary part of the body)"}
+TENSOR_DATA = {"description": "Row-major tensor data, a JSON array, flat or nested (absent when "
+                              "parameters.binary_data_size points into the binary part of the body). Elements by "
+                              "datatype: BOOL true/false; integer types JSON integers in the datatype's range; "
+                              "FP16/FP32/FP64 JSON numbers finite in the datatype; BYTES strings. No null."}
 REQUEST_INPUT = {
     "type": "object",
     "required": ["name", "shape", "datatype"],
