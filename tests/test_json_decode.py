@@ -319,3 +319,12 @@ def test_the_parser_is_reusable_after_a_refused_request():
         tensors = _decode(orjson.dumps({"inputs": [{**X, "data": [1.0, 2.5]}]}))[0]
         assert tensors == {"x": ("<f4", (2,), [1.0, 2.5])}
         assert protocol._simd.parser is parser  # noqa: SLF001
+
+
+def test_a_culprit_past_the_search_bound_still_gets_a_400(monkeypatch):
+    """The search for the element at fault stops after protocol._DATA_SCAN elements (bounded work
+    for a bad body): the refusal then names the rule without an index."""
+    monkeypatch.setattr(protocol, "_DATA_SCAN", 2)
+    assert _one("FP32", [1.0, 2.0, None]) == "input 't': FP32 data must be JSON numbers"
+    assert _one("INT16", [1, 2, 1.5]) == "input 't': INT16 data must be JSON integers"
+    assert _one("FP32", [None, 2.0, 3.0]) == "input 't': element 0 is null: FP32 data must be JSON numbers"
