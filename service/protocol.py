@@ -304,7 +304,7 @@ def json_data(value: Any, datatype: str, name: str) -> np.ndarray:
         except (TypeError, ValueError):  # an element of another JSON type, or an integer beyond 64 bits
             flat = None
         if flat is None:
-            raise InvalidInput(f"input '{name}': {_culprit(value, datatype, name)}")
+            raise InvalidInput(f"input '{name}': {_culprit(value, datatype)}")
         return _narrow(flat, dtype, datatype, name)
     if datatype == "BOOL":
         try:
@@ -350,7 +350,7 @@ def _narrow(flat: np.ndarray, dtype: np.dtype, datatype: str, name: str) -> np.n
     return flat.astype(dtype, copy=False)
 
 
-def _culprit(value: simdjson.Array, datatype: str, name: str) -> str:
+def _culprit(value: simdjson.Array, datatype: str) -> str:
     """Why simdjson would not flatten a numeric data array: the first element that is not a number
     of the datatype, searched among the first _DATA_SCAN elements (a bound on work for a bad body)."""
     kind = V2_TO_NUMPY[datatype].kind

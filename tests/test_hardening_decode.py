@@ -92,11 +92,11 @@ def test_inputs_twice_is_a_400_at_both_sizes(http, ort_logits, large):
      "duplicate key 'name' in inputs[0]"),
     (b'"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": %s, "data": []}]',
      "duplicate key 'data' in inputs[0]"),
-    (b'"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": %s}], '
-     b'"outputs": [{"name": "logits", "parameters": {"binary_data": true, "binary_data": false}}]',
+    ((b'"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": %s}], '
+      b'"outputs": [{"name": "logits", "parameters": {"binary_data": true, "binary_data": false}}]'),
      "duplicate key 'binary_data' in output 'logits' parameters"),
-    (b'"parameters": {"timeout": 1, "timeout": 0}, '
-     b'"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": %s}]',
+    ((b'"parameters": {"timeout": 1, "timeout": 0}, '
+      b'"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": %s}]'),
      "duplicate key 'timeout' in the request parameters"),
 ])
 def test_a_key_repeated_at_any_level_kiln_reads_is_a_400(http, ort_logits, members, needle, large):
