@@ -285,6 +285,10 @@ def _shape(raw: Any, name: str, datatype: str) -> tuple[int, ...]:
 # -- JSON tensor data, strictly by datatype -------------------------------------------------------
 _BUFFER_TYPES = {"f": ("d", np.dtype(np.float64)), "i": ("i", np.dtype(np.int64)), "u": ("u", np.dtype(np.uint64))}
 _WANTED = {"f": "JSON numbers", "i": "JSON integers", "u": "JSON integers"}
+# The smallest magnitude that rounds to inf in FP16 / FP32: half an ulp above the largest finite value
+# (round to nearest even takes that tie up). JSON has no inf, so anything from there on is an overflow.
+_FLOAT_OVERFLOW = {dt: float(np.finfo(dt).max) + 2.0 ** (np.finfo(dt).maxexp - 2 - np.finfo(dt).nmant)
+                   for dt in (np.dtype("<f2"), np.dtype("<f4"))}
 
 
 def json_data(value: Any, datatype: str, name: str) -> np.ndarray:
@@ -332,15 +336,12 @@ def _narrow(flat: np.ndarray, dtype: np.dtype, datatype: str, name: str) -> np.n
     if dtype.kind == "f":
         if dtype.itemsize == 8:
             return flat
-        with np.errstate(over="ignore"):
-            out = flat.astype(dtype)
-        # JSON has no inf or NaN, so one in `out` is an overflow of the cast; a finite sum proves there
-        # is none in one pass (an infinite sum may be the sum's own overflow: then look element-wise).
-        if not math.isfinite(out.sum()) and np.isinf(out).any():
-            i = int(np.argmax(np.isinf(out)))
+        limit = _FLOAT_OVERFLOW[dtype]
+        if flat.size and (flat.max() >= limit or flat.min() <= -limit):
+            i = int(np.argmax(np.abs(flat) >= limit))
             raise InvalidInput(f"input '{name}': element {i} is {float(flat[i])!r}, out of range for {datatype} "
                                f"(largest finite value {float(np.finfo(dtype).max)!r})")
-        return out
+        return flat.astype(dtype)
     if dtype.itemsize < 8 and flat.size:
         info = np.iinfo(dtype)
         if flat.min() < info.min or flat.max() > info.max:
