@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import __version__, metrics
+from . import __version__, metrics, stats
 from . import openapi as _openapi
 from .errors import InvalidInput, KilnError, NotFound, PayloadTooLarge
 from .infer import InferRoute, match_infer_path, too_large
@@ -25,7 +25,8 @@ from .settings import Settings
 
 log = logging.getLogger("kiln.http")
 
-EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "model_configuration", "parameters"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "model_configuration", "parameters",
+              "statistics"]
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -123,7 +124,15 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
         # Build models in the background: liveness answers at once, readiness when models are READY.
         loader = threading.Thread(target=repo.load_all, name="kiln-loader", daemon=True)
         loader.start()
+        grpc_server = None
+        if settings.grpc_port:  # gRPC on this loop, behind the same infer core and guard (service/grpc_server.py)
+            from . import grpc_server as _grpc
+            from .guard import wrap
+
+            grpc_server = await _grpc.start(settings, repo, app.infer_route.core, wrap(None, settings), EXTENSIONS)
         yield
+        if grpc_server is not None:  # after the drain (service/lifecycle.py): what is left gets the grace
+            await grpc_server.stop(max(1.0, min(5.0, settings.shutdown_grace_s)))
         # Bounded by the shutdown grace: a SIGTERM during a long compile must not hang the pod.
         await asyncio.to_thread(repo.loading_done.wait, max(1.0, settings.shutdown_grace_s))
         repo.close()
@@ -166,6 +175,12 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
     @app.get("/v2")
     async def server_metadata():
         return json_response({"name": "kiln", "version": __version__, "extensions": EXTENSIONS})
+
+    @app.get("/v2/models/stats")
+    @app.get("/v2/models/{model}/stats")
+    @app.get("/v2/models/{model}/versions/{version}/stats")
+    async def model_statistics(model: str | None = None, version: str | None = None):
+        return json_response(stats.statistics(repo, model, version))
 
     @app.get("/v2/models/{model}")
     @app.get("/v2/models/{model}/versions/{version}")

@@ -35,7 +35,16 @@ def setup_logging(level: str) -> None:
 def serve(
     repo: Optional[Path] = typer.Option(None, "--repo", help="Model repository (env KILN_MODEL_REPO; default ./model_repo)."),
     host: Optional[str] = typer.Option(None, "--host", help="Bind address (env KILN_HTTP_HOST; default 127.0.0.1)."),
-    port: Optional[int] = typer.Option(None, "--port", help="HTTP port (env KILN_HTTP_PORT; default 8000)."),
+    port: Optional[int] = typer.Option(None, "--port", "--http-port", "--http_port",
+                                       help="HTTP port (env KILN_HTTP_PORT; default 8000)."),
+    grpc_port: Optional[int] = typer.Option(None, "--grpc-port", "--grpc_port",
+                                            help="gRPC port, inference.GRPCInferenceService + grpc.health.v1 "
+                                                 "(env KILN_GRPC_PORT; default 8001; 0 = off)."),
+    model_dir: Optional[Path] = typer.Option(None, "--model-dir", "--model_dir",
+                                             help="KServe's convention: a repository, one model folder, or one model "
+                                                  "file (+ config.yaml), e.g. /mnt/models. Instead of --repo."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", "--model_name",
+                                             help="Name of the single model under --model-dir (default 'model')."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Compile cache (env KILN_CACHE_DIR; default ~/.cache/kiln)."),
     models: Optional[str] = typer.Option(None, "--models", help="Comma-separated models to load (default: all)."),
     log_level: Optional[str] = typer.Option(None, "--log-level", help="debug, info, warning (env KILN_LOG_LEVEL)."),
@@ -54,7 +63,20 @@ def serve(
     from .guard import wrap
     from .lifecycle import serve as serve_until_signalled
 
-    overrides = {k: v for k, v in dict(model_repo=repo, http_host=host, http_port=port, cache_dir=cache_dir,
+    if model_dir is not None:
+        if repo is not None:
+            console.print("[red]--repo and --model_dir are two ways to name the models: give one[/red]")
+            raise typer.Exit(2)
+        from .kserve import resolve_model_dir
+
+        try:
+            repo, found = resolve_model_dir(model_dir, model_name)
+        except ValueError as err:
+            console.print(f"[red]{err}[/red]")
+            raise typer.Exit(2)
+        print(f"--model_dir {model_dir}: {found}", file=sys.stderr)
+    overrides = {k: v for k, v in dict(model_repo=repo, http_host=host, http_port=port, grpc_port=grpc_port,
+                                       cache_dir=cache_dir,
                                        models=models, log_level=log_level, log_format=log_format,
                                        ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
                                        auth_tokens_file=auth_tokens_file).items() if v is not None}
@@ -68,9 +90,10 @@ def serve(
     except ValueError as err:
         logging.getLogger("kiln").error("%s", err)
         raise typer.Exit(2)
-    logging.getLogger("kiln").info("serving %s on %s://%s:%d (cache %s, %d worker%s)", settings.model_repo,
+    logging.getLogger("kiln").info("serving %s on %s://%s:%d%s (cache %s, %d worker%s)", settings.model_repo,
                                    "https" if settings.ssl_certfile else "http", settings.http_host,
-                                   settings.http_port, settings.cache_dir, workers, "s" if workers > 1 else "")
+                                   settings.http_port, f", gRPC :{settings.grpc_port}" if settings.grpc_port else "",
+                                   settings.cache_dir, workers, "s" if workers > 1 else "")
     # Graceful shutdown (service/lifecycle.py): SIGTERM → readiness false, new requests 503, in-flight
     # requests finish (KILN_SHUTDOWN_GRACE_S) → exit 0. Auth, request ids, logs: service/guard.py.
     options = dict(host=settings.http_host, port=settings.http_port, log_level=settings.log_level,

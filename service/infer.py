@@ -1,14 +1,17 @@
-"""The infer route, transport-free: (model, version, headers, body) → (status, headers, body).
+"""The infer core, transport-free, and its HTTP route: (model, version, headers, body) → (status, headers, body).
 
-Two transports call it: the HTTP protocol's fast path (service/http_protocol.py), which answers
-`POST …/infer` straight from httptools' callbacks, and the raw ASGI route in service/app.py (for any
-server other than Kiln's own protocol). One implementation, so both give the same answers.
+`InferCore` is everything after decode, shared by HTTP (`InferRoute` here) and gRPC
+(service/grpc_server.py). Two HTTP front ends call `InferRoute`: the HTTP protocol's fast path
+(service/http_protocol.py), which answers `POST …/infer` straight from httptools' callbacks, and the
+raw ASGI route in service/app.py (for any server other than Kiln's own protocol). One implementation,
+so every transport gives the same answers.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Any, Callable, TypeVar
 
 import orjson
 
@@ -16,12 +19,13 @@ from . import limits as _limits
 from . import metrics
 from .errors import InvalidInput, KilnError, PayloadTooLarge
 from .model import ModelVersion
-from .protocol import classify, decode_request, decompress, encode_response
+from .protocol import InferRequest, classify, decode_request, decompress, encode_response
 from .repository import ModelRepository
 
 log = logging.getLogger("kiln.http")
 
 Reply = tuple[int, list[tuple[bytes, bytes]], bytes]
+T = TypeVar("T")
 
 _JSON = (b"content-type", b"application/json")
 
@@ -54,20 +58,64 @@ def error_reply(exc: KilnError) -> Reply:
     return exc.status, headers, orjson.dumps({"error": exc.message})
 
 
+class InferCore:
+    """Everything after a transport has read its request, one implementation behind HTTP and gRPC:
+    readiness, validation against the model, output selection, the limits and the batcher
+    (service/limits.py), classification, and the per-protocol metrics. The transport supplies
+    `decode` (its wire format → InferRequest, given the model) and `encode` (outputs → its reply);
+    errors come back as KilnError for the transport to word (an HTTP status, a gRPC code)."""
+
+    def __init__(self, repo: ModelRepository, timeout_s: float):
+        self.repo = repo
+        self.timeout_s = timeout_s
+
+    async def run(self, mv: ModelVersion, protocol: str, decode: Callable[[ModelVersion], InferRequest],
+                  encode: Callable[[ModelVersion, InferRequest, list[tuple[str, Any, bool]]], T], start: float) -> T:
+        m = metrics.for_model(mv.name, mv.version, protocol)
+        m.enter()
+        outcome, rows, phases = "server_error", 0, None
+        try:
+            mv.check_ready()
+            req = decode(mv)
+            mv.validate(req.inputs, req.datatypes)
+            outputs_wanted = _requested_outputs(mv, req)
+            decoded = time.perf_counter()
+            result, queue_s, compute_s = await _limits.infer(mv, req, self.timeout_s)
+            computed = time.perf_counter()
+            reply = encode(mv, req, [
+                (name, classify(result[name], k, mv.labels) if k else result[name], binary)
+                for name, binary, k in outputs_wanted
+            ])
+            end = time.perf_counter()
+            outcome, rows = "success", _batch(mv, req.inputs)
+            phases = (decoded - start, queue_s, compute_s, end - computed, end - start)
+            return reply
+        except KilnError as exc:
+            outcome = exc.outcome
+            raise
+        except Exception as exc:  # never leak a traceback: a KilnError the transport can word
+            log.exception("infer %s failed", mv.name)
+            raise KilnError(f"internal error: {type(exc).__name__}: {exc}") from exc
+        finally:
+            m.leave()
+            m.record(outcome, rows, phases, None if phases else time.perf_counter() - start)
+
+
 class InferRoute:
-    """Body → decode (orjson / frombuffer) → validate → batcher → encode (orjson), with metrics."""
+    """The HTTP transport of the infer core: body → decode (orjson / frombuffer) → InferCore → encode (orjson)."""
 
     def __init__(self, repo: ModelRepository, body_limit: int, timeout_s: float):
         self.repo = repo
         self.body_limit = body_limit
         self.timeout_s = timeout_s
+        self.core = InferCore(repo, timeout_s)
 
     def refuse(self, model: str, version: str | None, exc: KilnError | None) -> Reply | None:
         """Count a request refused before it reached the route (body too large → its reply; client
         gone mid-body → None), under its model's outcome counter when the model exists."""
         try:
             mv = self.repo.get(model, version)
-            metrics.for_model(mv.name, mv.version).record("client_error")
+            metrics.for_model(mv.name, mv.version, "http").record("client_error")
         except KilnError:
             pass
         return error_reply(exc) if exc is not None else None
@@ -87,42 +135,26 @@ class InferRoute:
             mv = self.repo.get(model, version)
         except KilnError as exc:
             return error_reply(exc)
-        m = metrics.for_model(mv.name, mv.version)
-        m.enter()
-        outcome, rows, phases = "server_error", 0, None
+        encoding = hlen = None
+        for k, v in headers:
+            if k == b"inference-header-content-length":
+                hlen = v.decode("latin-1")
+            elif k == b"content-encoding":
+                encoding = v.decode("latin-1").strip().lower()
+
+        def decode(mv: ModelVersion) -> InferRequest:
+            raw = decompress(body, encoding, self.body_limit) if encoding else body
+            return decode_request(raw, hlen, _single_input(mv), binary)
+
         try:
-            encoding = hlen = None
-            for k, v in headers:
-                if k == b"inference-header-content-length":
-                    hlen = v.decode("latin-1")
-                elif k == b"content-encoding":
-                    encoding = v.decode("latin-1").strip().lower()
-            mv.check_ready()
-            if encoding:
-                body = decompress(body, encoding, self.body_limit)
-            req = decode_request(body, hlen, _single_input(mv), binary)
-            mv.validate(req.inputs, req.datatypes)
-            outputs_wanted = _requested_outputs(mv, req)
-            decoded = time.perf_counter()
-            result, queue_s, compute_s = await _limits.infer(mv, req, self.timeout_s)
-            computed = time.perf_counter()
-            payload, out_headers = encode_response(mv.name, mv.version, req.id, [
-                (name, classify(result[name], k, mv.labels) if k else result[name], binary)
-                for name, binary, k in outputs_wanted
-            ])
-            end = time.perf_counter()
-            outcome, rows = "success", _batch(mv, req.inputs)
-            phases = (decoded - start, queue_s, compute_s, end - computed, end - start)
-            return 200, [(k.encode(), v.encode()) for k, v in out_headers.items()], payload
+            return await self.core.run(mv, "http", decode, _encode_http, start)
         except KilnError as exc:
-            outcome = exc.outcome
             return error_reply(exc)
-        except Exception as exc:  # never leak a traceback page: a v2 error body
-            log.exception("infer %s failed", model)
-            return error_reply(KilnError(f"internal error: {type(exc).__name__}: {exc}"))
-        finally:
-            m.leave()
-            m.record(outcome, rows, phases)
+
+
+def _encode_http(mv: ModelVersion, req: InferRequest, outputs: list[tuple[str, Any, bool]]) -> Reply:
+    payload, out_headers = encode_response(mv.name, mv.version, req.id, outputs)
+    return 200, [(k.encode(), v.encode()) for k, v in out_headers.items()], payload
 
 
 def _single_input(mv: ModelVersion) -> tuple[str, str, tuple[int, ...]] | None:

@@ -21,12 +21,12 @@ STATES = ("LOADING", "COMPILING", "VERIFYING", "WARMING", "READY", "FAILED")
 
 REQUESTS = Counter(
     "kiln_inference_requests", "Inference requests by outcome (success, client_error, server_error, rejected)",
-    ["model", "version", "outcome"],
+    ["model", "version", "outcome", "protocol"],
 )
 SAMPLES = Counter("kiln_inference_samples", "Samples (batch rows) inferred", ["model", "version"])
 DURATION = Histogram(
     "kiln_request_duration_seconds", "Request latency by phase (decode, queue, compute, encode, total)",
-    ["model", "version", "phase"], buckets=LATENCY_BUCKETS,
+    ["model", "version", "phase", "protocol"], buckets=LATENCY_BUCKETS,
 )
 BATCH_SIZE = Histogram("kiln_batch_size", "Executed batch sizes", ["model", "version"], buckets=BATCH_BUCKETS)
 QUEUE_DEPTH = Gauge("kiln_queue_depth", "Requests waiting in the batcher queue", ["model", "version"],
@@ -58,6 +58,7 @@ def set_model_state(model: str, version: str, backend: str, precision: str, stat
 
 
 PHASES = ("decode", "queue", "compute", "encode", "total")
+PROTOCOLS = ("http", "grpc")  # the `protocol` label of the infer series: which transport served it
 
 # Requests tallied before they are folded into prometheus-client (and at every scrape, see
 # exposition). In multiprocess mode each request is folded at once: a scrape, served by any one
@@ -71,13 +72,15 @@ class ModelMetrics:
     request) were ~7 µs of a ~50 µs request (`python -m bench.protocol`). Single event-loop thread
     per process; the tally is a deque, so a fold from another thread would not lose entries."""
 
-    def __init__(self, model: str, version: str):
+    def __init__(self, model: str, version: str, protocol: str = "http"):
         self.inflight = INFLIGHT.labels(model)
         self.samples = SAMPLES.labels(model, version)
-        self.phases = [DURATION.labels(model, version, p) for p in PHASES]
+        self.phases = [DURATION.labels(model, version, p, protocol) for p in PHASES]
         self.active = 0  # requests inside the infer route now (the in-flight gauge, set when folded)
+        self.totals = RequestTotals()  # the same tally, kept for the statistics extension (service/stats.py)
         self._requests: dict[str, Any] = {}
         self._key = (model, version)
+        self._protocol = protocol
         self._done: deque = deque()
         self._flush_at = 1 if MULTIPROCESS else FLUSH_EVERY
 
@@ -91,19 +94,20 @@ class ModelMetrics:
         if MULTIPROCESS:
             self.inflight.dec()
 
-    def record(self, outcome: str, rows: int = 0, phases: tuple[float, ...] | None = None) -> None:
+    def record(self, outcome: str, rows: int = 0, phases: tuple[float, ...] | None = None,
+               failed_s: float | None = None) -> None:
         """One finished request: its outcome, and for a success its rows and seconds per phase
-        (PHASES order)."""
+        (PHASES order); for a failure, optionally the seconds it took (statistics only)."""
         done = self._done
-        done.append((outcome, rows, phases))
+        done.append((outcome, rows, phases if phases is not None else failed_s))
         if len(done) >= self._flush_at:
             self.flush()
 
     def flush(self) -> None:
         """Fold the tally into the prometheus-client series: the same buckets, sums and counts as
         one observe()/inc() per request (tests/test_metrics_fold.py compares the two)."""
-        if not MULTIPROCESS:
-            self.inflight.set(self.active)
+        if not MULTIPROCESS:  # one gauge per model, fed by each protocol's tally
+            self.inflight.set(sum(m.active for k, m in list(_children.items()) if k[0] == self._key[0]))
         done = self._done
         n = len(done)
         if not n:
@@ -113,14 +117,19 @@ class ModelMetrics:
         sums = [0.0] * len(PHASES)
         outcomes: dict[str, int] = {}
         rows = 0
+        failed, failed_s = 0, 0.0
         for _ in range(n):
             outcome, r, phases = done.popleft()
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
             rows += r
-            if phases is not None:
+            if type(phases) is tuple:
                 for i, v in enumerate(phases):
                     counts[i][bisect_left(bounds, v)] += 1  # observe(): the first bucket with v <= bound
                     sums[i] += v
+            elif outcome != "success":
+                failed += 1
+                failed_s += phases or 0.0
+        self.totals.add(outcomes.get("success", 0), rows, sums, failed, failed_s)
         for child, per_bucket, total in zip(self.phases, counts, sums):
             if any(per_bucket):
                 child._sum.inc(total)  # noqa: SLF001 (prometheus-client has no bulk observe)
@@ -135,18 +144,48 @@ class ModelMetrics:
     def request(self, outcome: str):
         child = self._requests.get(outcome)
         if child is None:
-            child = self._requests[outcome] = REQUESTS.labels(*self._key, outcome)
+            child = self._requests[outcome] = REQUESTS.labels(*self._key, outcome, self._protocol)
         return child
 
 
-_children: dict[tuple[str, str], ModelMetrics] = {}
+class RequestTotals:
+    """Cumulative request counts and seconds per phase, as Triton's statistics extension reports
+    them (service/stats.py); folded from the same tally as the Prometheus series."""
+
+    __slots__ = ("success", "rows", "seconds", "failed", "failed_s")
+
+    def __init__(self) -> None:
+        self.success = self.rows = self.failed = 0
+        self.seconds = [0.0] * len(PHASES)
+        self.failed_s = 0.0
+
+    def add(self, success: int, rows: int, seconds: list[float], failed: int, failed_s: float) -> None:
+        self.success += success
+        self.rows += rows
+        self.seconds = [a + b for a, b in zip(self.seconds, seconds)]
+        self.failed += failed
+        self.failed_s += failed_s
 
 
-def for_model(model: str, version: str) -> ModelMetrics:
-    m = _children.get((model, version))
+_children: dict[tuple[str, str, str], ModelMetrics] = {}
+
+
+def for_model(model: str, version: str, protocol: str = "http") -> ModelMetrics:
+    m = _children.get((model, version, protocol))
     if m is None:
-        m = _children[(model, version)] = ModelMetrics(model, version)
+        m = _children[(model, version, protocol)] = ModelMetrics(model, version, protocol)
     return m
+
+
+def request_totals(model: str, version: str) -> RequestTotals:
+    """This process's totals for one model version, over every protocol (folded first)."""
+    out = RequestTotals()
+    for (name, ver, _), m in list(_children.items()):
+        if name == model and ver == version:
+            m.flush()
+            t = m.totals
+            out.add(t.success, t.rows, t.seconds, t.failed, t.failed_s)
+    return out
 
 
 def exposition() -> bytes:
@@ -172,9 +211,8 @@ def mark_process_dead() -> None:
 
 
 def forget_model(model: str, version: str) -> None:
-    m = _children.pop((model, version), None)
-    if m is not None:
-        m.flush()
+    for key in [k for k in _children if k[:2] == (model, version)]:
+        _children.pop(key).flush()
     for metric in (MODEL_STATE, PARITY):
         for labels in list(metric._metrics):  # noqa: SLF001
             if labels[0] == model and labels[1] == version:

@@ -25,6 +25,7 @@ from .batcher import Batcher, BatchPolicy
 from .cache import CacheResult, CompileCache, compile_key
 from .config import ModelConfig, TensorSpec
 from .errors import InvalidInput, KilnError, Unavailable
+from .stats import ExecutionStats
 from .verify import (ParityResult, compare, generate_inputs, load_npz_inputs, run_batched, tolerance,
                      top1)
 
@@ -113,6 +114,7 @@ class ModelVersion:
         self.auto: dict[str, Any] | None = None
         self._all_runners: list[Runner] = []
         self._batcher: Batcher | None = None
+        self.executions = ExecutionStats()  # model calls by batch size (statistics extension)
         self._set_state("LOADING")
 
     # -- state ---------------------------------------------------------------------------------
@@ -384,7 +386,7 @@ class ModelVersion:
         """One runner thread per instance behind the dynamic batcher; seed its cost curve.
         `new_runner` rebuilds a runner that keeps failing (a crashed session, a poisoned state)."""
         self._batcher = Batcher(self.name, self.version, list(self._all_runners), self.batch_policy(),
-                                rebuild=new_runner)
+                                rebuild=new_runner, on_batch=self.executions.record)
         self._batcher.calibrate(sample)
 
     def staging(self, nbytes: int) -> np.ndarray | None:

@@ -66,6 +66,9 @@ def _decode_bytes_elements(buf: memoryview, count: int, name: str) -> np.ndarray
     return out
 
 
+decode_bytes_elements = _decode_bytes_elements  # for the gRPC codec (raw BYTES tensors, same layout)
+
+
 def encode_bytes_elements(arr: np.ndarray) -> bytes:
     parts = []
     for item in arr.reshape(-1):

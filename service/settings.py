@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=default_cache)
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=0, le=65535)
+    # gRPC (inference.GRPCInferenceService + grpc.health.v1) on the same host; 0 = off. Triton's port.
+    grpc_port: int = Field(8001, ge=0, le=65535)
     log_level: str = "info"
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     # Only these models (comma-separated) are loaded; empty = all.

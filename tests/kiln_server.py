@@ -41,6 +41,12 @@ class Server:
     cache_dir: Path
     repo: Path
     extra_args: list[str] = field(default_factory=list)
+    grpc_port: int = 0  # 0: gRPC off
+
+    @property
+    def grpc_address(self) -> str:
+        """host:port of the gRPC server, as tritonclient.grpc wants it."""
+        return f"127.0.0.1:{self.grpc_port}"
 
     @property
     def url(self) -> str:
@@ -77,18 +83,20 @@ class Server:
 
 def start_server(repo: Path = DEFAULT_REPO, cache_dir: Path | None = None, *, log_dir: Path, args: list[str] = (),
                  env: dict[str, str] | None = None, wait: bool = True, timeout: float = 180.0,
-                 cpu: int | None = None) -> Server:
+                 cpu: int | None = None, grpc: bool = False) -> Server:
+    """`grpc`: serve gRPC on a free port too (off otherwise, so parallel servers never race for 8001)."""
     port = free_port()
+    grpc_port = free_port() if grpc else 0
     cache_dir = cache_dir or (log_dir / "cache")
     log_path = log_dir / f"kiln-{port}.log"
     cmd = [sys.executable, "-m", "service.cli", "serve", "--repo", str(repo), "--port", str(port),
-           "--cache-dir", str(cache_dir), *args]
+           "--cache-dir", str(cache_dir), "--grpc-port", str(grpc_port), *args]
     if cpu is not None and hasattr(os, "sched_setaffinity"):
         cmd = ["taskset", "-c", str(cpu), *cmd]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=full_env)
-    server = Server(proc, port, log_path, cache_dir, repo, list(args))
+    server = Server(proc, port, log_path, cache_dir, repo, list(args), grpc_port)
     if wait:
         try:
             server.wait_ready(timeout)

@@ -25,9 +25,10 @@ def test_fold_equals_one_observe_per_request():
     model = f"fold-{rng.getrandbits(32)}"
     m = metrics.for_model(model, "1")
     ref = CollectorRegistry()
-    ref_hist = Histogram("kiln_request_duration_seconds", "ref", ["model", "version", "phase"],
+    ref_hist = Histogram("kiln_request_duration_seconds", "ref", ["model", "version", "phase", "protocol"],
                          buckets=metrics.LATENCY_BUCKETS, registry=ref)
-    ref_req = Counter("kiln_inference_requests", "ref", ["model", "version", "outcome"], registry=ref)
+    ref_req = Counter("kiln_inference_requests", "ref", ["model", "version", "outcome", "protocol"],
+                      registry=ref)
     ref_rows = Counter("kiln_inference_samples", "ref", ["model", "version"], registry=ref)
     n = metrics.FLUSH_EVERY * 2 + 37  # folds on the way and leaves a partial tally for the scrape
     for _ in range(n):
@@ -39,12 +40,12 @@ def test_fold_equals_one_observe_per_request():
                                        10 ** rng.uniform(-6, 0)]) for _ in metrics.PHASES)
             rows = rng.randint(1, 8)
             for p, v in zip(metrics.PHASES, phases):
-                ref_hist.labels(model, "1", p).observe(v)
+                ref_hist.labels(model, "1", p, "http").observe(v)
             ref_rows.labels(model, "1").inc(rows)
             m.record(outcome, rows, phases)
         else:
             m.record(outcome)
-        ref_req.labels(model, "1", outcome).inc()
+        ref_req.labels(model, "1", outcome, "http").inc()
 
     from prometheus_client import generate_latest
 
@@ -68,9 +69,10 @@ def test_scrape_shows_the_current_in_flight_count_and_the_partial_tally():
     got = _samples(metrics.exposition().decode(), model=model)
     assert got[("kiln_inflight_requests", ())] == 1.0
     assert got[("kiln_inference_samples_total", (("version", "1"),))] == 3.0
+    got = _samples(metrics.exposition().decode(), model=model, protocol="http")
     assert got[("kiln_inference_requests_total", (("outcome", "success"), ("version", "1")))] == 1.0
     # Forgetting the model folds what it still holds.
     m.record("client_error")
     metrics.forget_model(model, "1")
-    got = _samples(metrics.exposition().decode(), model=model)
+    got = _samples(metrics.exposition().decode(), model=model, protocol="http")
     assert got[("kiln_inference_requests_total", (("outcome", "client_error"), ("version", "1")))] == 1.0
