@@ -9,6 +9,7 @@ so every transport gives the same answers.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any, Callable, TypeVar
@@ -92,6 +93,9 @@ class InferCore:
             return reply
         except KilnError as exc:
             outcome = exc.outcome
+            raise
+        except asyncio.CancelledError:  # the client gave up (a gRPC deadline, a reset) or shutdown ran out
+            outcome = "cancelled"
             raise
         except Exception as exc:  # never leak a traceback: a KilnError the transport can word
             log.exception("infer %s failed", mv.name)
