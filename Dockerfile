@@ -56,13 +56,15 @@ ENV PATH=/opt/kiln/bin:$PATH \
     KILN_MODEL_REPO=/models \
     KILN_CACHE_DIR=/var/cache/kiln \
     KILN_HTTP_HOST=0.0.0.0 \
-    KILN_HTTP_PORT=8000
+    KILN_HTTP_PORT=8000 \
+    KILN_GRPC_PORT=8001
 LABEL org.opencontainers.image.title="kiln" \
       org.opencontainers.image.description="Inference server for optimized models (Open Inference Protocol / KServe v2)" \
       org.opencontainers.image.licenses="Apache-2.0"
 WORKDIR /home/kiln
 VOLUME ["/models", "/var/cache/kiln"]
-EXPOSE 8000
+# 8000 HTTP (v2 REST, /metrics), 8001 gRPC (inference.GRPCInferenceService, grpc.health.v1).
+EXPOSE 8000 8001
 USER ${KILN_UID}:0
 # Liveness only: readiness (models compiled and verified) is the orchestrator's business.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \

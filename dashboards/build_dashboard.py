@@ -39,6 +39,8 @@ SEL_NO_MODEL = 'namespace=~"$namespace", pod=~"$pod"'
 
 # Recording rules (dashboards/prometheus-rules.yaml).
 REQ = "namespace_pod_model_outcome:kiln_inference_requests:rate1m"
+REQ_PROTOCOL = "namespace_pod_model_protocol:kiln_inference_requests:rate1m"
+LAT_PROTOCOL_BUCKET = "namespace_pod_model_protocol_le:kiln_request_duration_seconds_bucket:rate1m"
 SAMPLES = "namespace_pod_model:kiln_inference_samples:rate1m"
 LAT_BUCKET = "namespace_pod_model_phase_le:kiln_request_duration_seconds_bucket:rate1m"
 LAT_SUM = "namespace_pod_model_phase:kiln_request_duration_seconds_sum:rate1m"
@@ -198,6 +200,13 @@ def build() -> dict:
                                "percentunit",
                                q(ratio_or_zero('outcome="server_error"', "model"), "{{model}} server_error"),
                                q(ratio_or_zero('outcome="rejected"', "model"), "{{model}} rejected", "B")))
+        .with_panel(timeseries("Requests/s by protocol",
+                               "HTTP (REST, JSON or binary tensors) and gRPC share one infer core: the "
+                               "protocol label tells the transports apart.", "reqps",
+                               q(f"sum by (protocol) ({REQ_PROTOCOL}{{{SEL}}})", "{{protocol}}")))
+        .with_panel(timeseries("p99 latency by protocol", "End-to-end (phase=total) p99 per transport.", "s",
+                               q(f"histogram_quantile(0.99, sum by (le, protocol) ({LAT_PROTOCOL_BUCKET}{{{SEL}}}))",
+                                 "{{protocol}}")))
         # ---------------------------------------------------------------- latency
         .with_row(db.Row("Latency (from the kiln_request_duration_seconds histogram)"))
     )

@@ -61,7 +61,7 @@ def test_runtime_contract():
     base = [(op, args) for stage, op, args in ins if stage == "base"]
     env = " ".join(args for op, args in base if op == "ENV")
     for setting in ("KILN_MODEL_REPO=/models", "KILN_CACHE_DIR=/var/cache/kiln", "KILN_HTTP_HOST=0.0.0.0",
-                    "KILN_HTTP_PORT=8000"):
+                    "KILN_HTTP_PORT=8000", "KILN_GRPC_PORT=8001"):
         assert setting in env, setting
     (user,) = [args for op, args in base if op == "USER"]
     uid = user.split(":")[0]
@@ -72,7 +72,7 @@ def test_runtime_contract():
     assert "urllib.request" in health and "/v2/health/live" in health and "curl" not in health
     (entry,) = [args for op, args in base if op == "ENTRYPOINT"]
     assert entry == '["kiln", "serve"]'
-    assert ("base", "EXPOSE", "8000") in ins
+    assert ("base", "EXPOSE", "8000 8001") in ins  # HTTP, gRPC
 
 
 def test_build_context_has_what_pip_install_needs():

@@ -133,7 +133,9 @@ def test_default_deployment_probes_security_and_volumes(rendered):
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["KILN_MODEL_REPO"] == "/models" and env["KILN_CACHE_DIR"] == "/var/cache/kiln"
     assert env["KILN_HTTP_HOST"] == "0.0.0.0" and env["KILN_HTTP_PORT"] == "8000"
-    assert c["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert c["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"},
+                          {"name": "grpc", "containerPort": 8001, "protocol": "TCP"}]
+    assert env["KILN_GRPC_PORT"] == "8001"
     # Graceful termination: the preStop sleep fits in the grace period with time left to drain.
     # SIGTERM after the preStop sleep; the server drains for KILN_SHUTDOWN_GRACE_S, which ends
     # before the kubelet's SIGKILL.
@@ -246,11 +248,34 @@ def test_existing_configmap_values(rendered):
     (["--set", "modelRepository.source=configMap"], "files/binaryFiles"),
     (["--set", "probes.startup.failureThreshold=0"], "failureThreshold"),
     (["--set", "termination.terminationGracePeriodSeconds=12"], "time to drain"),
+    (["--set", "probes.type=tcp"], "probes.type"),
+    (["--set", "probes.type=grpc", "--set", "server.grpcPort=0"], "probes.type grpc needs server.grpcPort"),
 ])
 def test_bad_values_are_rejected(args, message):
     proc = template("default", *args, ok=False)
     assert proc.returncode != 0, proc.stdout[:2000]
     assert message in proc.stderr, proc.stderr
+
+
+def test_grpc_port_service_and_grpc_probes(tmp_path):
+    objs = docs(template("default", "--set", "probes.type=grpc").stdout)
+    c = container(objs)
+    assert c["livenessProbe"]["grpc"] == {"port": 8001, "service": "live"}
+    assert c["readinessProbe"]["grpc"] == {"port": 8001, "service": "ready"}
+    assert c["startupProbe"]["grpc"] == {"port": 8001, "service": "ready"}
+    assert "httpGet" not in c["livenessProbe"]
+    (svc,) = by_kind(objs, "Service")
+    grpc_port = next(p for p in svc["spec"]["ports"] if p["name"] == "grpc")
+    assert grpc_port == {"name": "grpc", "port": 8001, "targetPort": "grpc", "protocol": "TCP",
+                         "appProtocol": "kubernetes.io/h2c"}
+    out = tmp_path / "grpc.yaml"
+    out.write_text(template("default", "--set", "probes.type=grpc").stdout)
+    proc = run(tool("kubernetes-validate"), "--strict", "-k", KUBE_VERSIONS[0], str(out))
+    assert "passed for resource deployment/kiln" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    off = docs(template("default", "--set", "server.grpcPort=0").stdout)
+    assert [p["name"] for p in container(off)["ports"]] == ["http"]
+    assert [p["name"] for p in by_kind(off, "Service")[0]["spec"]["ports"]] == ["http"]
+    assert {e["name"]: e.get("value") for e in container(off)["env"]}["KILN_GRPC_PORT"] == "0"
 
 
 def test_helm_package_inlines_dashboard_and_rules(tmp_path):
