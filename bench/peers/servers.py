@@ -118,7 +118,7 @@ class Peer:
 def start(peer: str, model: str, onnx_path: Path, workdir: Path, cpu: int | None = 0) -> Peer:
     python = setup.install(peer)
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     log = workdir / f"{peer}.log"
     pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
     if peer == "mlserver":
@@ -130,7 +130,7 @@ def start(peer: str, model: str, onnx_path: Path, workdir: Path, cpu: int | None
             "parameters": {"uri": str(onnx_path.resolve())}}))
         # parallel_workers 0: inference in the server process, MLServer's fastest setting on one core.
         (workdir / "mlserver" / "settings.json").write_text(json.dumps({
-            "http_port": port, "grpc_port": free_port(), "metrics_port": free_port(),
+            "http_port": port, "grpc_port": grpc_port, "metrics_port": free_port(),
             "parallel_workers": 0, "debug": False}))
         cmd = [*pin, str(python.parent / "mlserver"), "start", str(workdir / "mlserver")]
         cwd = workdir / "mlserver"
@@ -144,6 +144,7 @@ def start(peer: str, model: str, onnx_path: Path, workdir: Path, cpu: int | None
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=cwd)
     p = Peer(peer, proc, port, log)
+    p.grpc_port = grpc_port if peer == "mlserver" else None  # MLServer serves the v2 gRPC protocol too
     try:
         p.wait_ready(model)
     except Exception:
