@@ -57,8 +57,10 @@ def serve(
                                 help="Worker processes sharing the port (env KILN_WORKERS). Each loads every model; "
                                      "/metrics merges them (prometheus-client multiprocess mode)."),
 ):
-    """Serve every model of the repository. Models compile (or come from the cache) and pass their
-    parity gate before the server reports ready on /v2/health/ready."""
+    """Serve every model of the repository over HTTP (v2 REST) and gRPC (inference.GRPCInferenceService,
+    grpc.health.v1). Models compile (or come from the cache) and pass their parity gate before the
+    server reports ready on /v2/health/ready. KServe's flags (--model_dir, --model_name, --http_port,
+    --grpc_port) are accepted as they are."""
     from . import logs
     from .guard import wrap
     from .lifecycle import serve as serve_until_signalled
