@@ -2,6 +2,8 @@
 
     python -m bench.grpc                     # MLP, c = 1, 8, 32, MLServer included (bench/peers)
     python -m bench.grpc --no-peers --quick  # Kiln only, short runs
+    python -m bench.grpc --floor             # a grpc.aio ModelInfer that does nothing, as a floor
+    python -m bench.profile --format grpc    # py-spy of Kiln's gRPC path
 
 Servers are pinned to core 0, the load generators to core 1: wrk for HTTP (bench/post.lua), h2load
 (Debian's nghttp2-client) for gRPC: one pre-serialized ModelInferRequest (raw_input_contents, what
@@ -136,6 +138,49 @@ def run(targets: list[Target], model: str, conc: list[int], seconds: float, roun
     return results
 
 
+FLOOR_SERVER = """
+import asyncio, sys
+import grpc, uvloop
+from service.protos import grpc_service_pb2 as pb, grpc_service_pb2_grpc as pbg
+
+class Empty(pbg.GRPCInferenceServiceServicer):
+    async def ModelInfer(self, request, context):
+        return pb.ModelInferResponse(model_name=request.model_name)
+
+async def main():
+    server = grpc.aio.server()
+    pbg.add_GRPCInferenceServiceServicer_to_server(Empty(), server)
+    server.add_insecure_port("127.0.0.1:" + sys.argv[1])
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+uvloop.install()
+asyncio.run(main())
+"""
+
+
+def floor(conc: list[int], seconds: float, model: str) -> int:
+    """grpcio's own cost: a grpc.aio server on uvloop whose ModelInfer parses the request and
+    returns an empty response, under the same h2load load."""
+    from tests.kiln_server import ROOT, free_port
+
+    port = free_port()
+    proc = subprocess.Popen(["taskset", "-c", str(bhttp.SERVER_CPU), sys.executable, "-c", FLOOR_SERVER, str(port)],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        body = grpc_body(model)[0]
+        print("| grpc.aio, empty handler | c | req/s | p50 ms | p99 ms | server CPU µs/req |\n|---|---|---|---|---|---|")
+        for c in conc:
+            r = grpc_load(f"127.0.0.1:{port}", body, c, seconds, proc.pid)
+            print(f"| empty | {c} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['cpu_us']:.0f} |")
+    finally:
+        proc.kill()
+        proc.wait()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mlp")
@@ -144,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="2 s runs, one round")
     ap.add_argument("--no-peers", action="store_true", help="without MLServer")
+    ap.add_argument("--floor", action="store_true", help="only the empty grpc.aio handler (grpcio's own cost)")
     ap.add_argument("--out", default=str(WORK / "grpc-results.json"))
     args = ap.parse_args(argv)
     for tool, pkg in (("wrk", "wrk"), ("h2load", "nghttp2-client")):
@@ -153,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds, rounds = (2.0, 1) if args.quick else (args.seconds, args.rounds)
     conc = [int(c) for c in args.concurrency.split(",")]
     model = args.model
+    if args.floor:
+        models.build_repo([model])
+        return floor(conc, seconds, model)
     repo = models.build_repo([model])  # writes the model's source too
     inproc = bhttp.in_process(model, 1)
     print(f"in-process ONNX Runtime on core {bhttp.SERVER_CPU}: {inproc:,.0f} calls/s (batch 1)")

@@ -237,13 +237,13 @@ def run_group(base: str, targets: list[Target], formats: list[str], conc: list[i
                 print(fmt_row(r), flush=True)
 
 
-def start_kiln(model_names: list[str], env: dict[str, str] | None = None):
+def start_kiln(model_names: list[str], env: dict[str, str] | None = None, grpc: bool = False):
     repo = models.build_repo(model_names)
     log_dir = WORK / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     return start_server(repo, WORK / "cache", log_dir=log_dir,
                         args=["--models", ",".join(model_names), "--log-level", "warning"],
-                        cpu=SERVER_CPU, timeout=900, env=env)
+                        cpu=SERVER_CPU, timeout=900, env=env, grpc=grpc)
 
 
 def main(argv: list[str] | None = None) -> int:
