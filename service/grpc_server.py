@@ -360,8 +360,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Each request is answered on the stream as soon as it is done (requests run concurrently,
-        so they batch together); an error answers that request in `error_message`, as Triton does.
-        A token the stream's metadata lacks ends the whole stream (UNAUTHENTICATED/PERMISSION_DENIED)."""
+        so they batch together); an error answers that request in `error_message`, as Triton does,
+        refusals by the guard (draining, overload, a missing or unknown token) included: each request
+        is admitted on its own, with the stream's metadata."""
         lock = asyncio.Lock()
         tasks: set[asyncio.Task] = set()
         headers = _metadata_headers(context)
@@ -385,8 +386,6 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 if reply.error_message:
                     self.guard.log("gRPC", f"/{SERVICE}/ModelStreamInfer", status,
                                    orjson.dumps({"error": reply.error_message}), start)
-                    if status in (401, 403):
-                        raise RpcError(status_code(status), reply.error_message)
                 async with lock:
                     await context.write(reply)
             finally:
@@ -399,10 +398,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 task.add_done_callback(tasks.discard)
             while tasks:
                 await asyncio.gather(*tasks)
-        except RpcError as exc:
+        finally:  # the client went away (or the server stops): nothing is left running for it
             for t in tasks:
                 t.cancel()
-            await context.abort(exc.code, exc.message)
 
     # -- not supported ---------------------------------------------------------------------------
     async def _unimplemented(self, context, what: str):

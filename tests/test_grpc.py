@@ -505,6 +505,20 @@ def test_auth_scopes_over_tls(tmp_path):
         code, _ = status_of(lambda: c.infer("digits-cnn", [digits_input(x)], headers={"authorization": "Bearer ops-token"}))
         assert code == "StatusCode.PERMISSION_DENIED"
         c.close()
+        # A stream is admitted per request with the stream's metadata, refusals in error_message.
+        for headers, want in ((None, "authentication required"), ({"authorization": "Bearer infer-token"}, None)):
+            got, done = [], threading.Event()
+            s = grpcclient.InferenceServerClient(srv.grpc_address, ssl=True, root_certificates=str(cert))
+            s.start_stream(callback=lambda result, error: (got.append((result, error)), done.set()), headers=headers)
+            s.async_stream_infer("digits-cnn", [digits_input(x)])
+            assert done.wait(30)
+            s.stop_stream()
+            s.close()
+            ((result, error),) = got
+            if want:
+                assert result is None and want in str(error), error
+            else:
+                assert error is None and result.as_numpy("logits").shape == (1, 10)
         # Plain text on the TLS port gets no answer.
         plain = grpcclient.InferenceServerClient(srv.grpc_address)
         assert status_of(lambda: plain.is_server_live(client_timeout=3))[0] in ("StatusCode.UNAVAILABLE",
