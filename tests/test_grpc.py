@@ -138,6 +138,20 @@ def test_model_metadata_and_config_match_http(client, http, model):
         assert cfg["parameters"]["parity_passed"]["string_value"] == "True"
 
 
+def test_grpc_port_setting(monkeypatch):
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    monkeypatch.delenv("KILN_GRPC_PORT", raising=False)
+    assert Settings().grpc_port == 8001  # Triton's port by default
+    monkeypatch.setenv("KILN_GRPC_PORT", "0")
+    assert Settings().grpc_port == 0
+    monkeypatch.setenv("KILN_GRPC_PORT", "70000")
+    with pytest.raises(ValidationError, match="grpc_port"):
+        Settings()
+
+
 def test_unknown_and_not_ready_models(client):
     assert status_of(lambda: client.get_model_metadata("nope"))[0] == "StatusCode.NOT_FOUND"
     assert status_of(lambda: client.is_model_ready("digits-cnn", "7"))[0] == "StatusCode.NOT_FOUND"
@@ -146,6 +160,9 @@ def test_unknown_and_not_ready_models(client):
     assert status_of(lambda: client.infer("nope", [digits_input(x)]))[0] == "StatusCode.NOT_FOUND"
     code, message = status_of(lambda: client.infer("broken", [digits_input(x)]))
     assert code == "StatusCode.UNAVAILABLE" and "not ready (FAILED)" in message
+    assert client.infer("digits-cnn", [digits_input(x)], model_version="1").get_response().model_version == "1"
+    assert status_of(lambda: client.infer("digits-cnn", [digits_input(x)], model_version="2"))[0] == \
+        "StatusCode.NOT_FOUND"
 
 
 # -- inference --------------------------------------------------------------------------------------
