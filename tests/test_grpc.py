@@ -545,10 +545,12 @@ def test_auth_scopes_over_tls(tmp_path):
         assert srv.stop() == 0
 
 
-def test_sigterm_drains_grpc(tmp_path):
+def test_inflight_bound_and_sigterm_drain(tmp_path):
+    """KILN_MAX_INFLIGHT=1: a second request while one runs is RESOURCE_EXHAUSTED; after SIGTERM a new
+    one is UNAVAILABLE, readiness false, and the request in flight is still answered; exit 0."""
     repo = tmp_path / "repo"
     add_slow(repo, "slow", size=SLOW, depth=24)
-    srv = start_server(repo, log_dir=tmp_path, grpc=True)
+    srv = start_server(repo, log_dir=tmp_path, grpc=True, env={"KILN_MAX_INFLIGHT": "1"})
     x = (np.random.default_rng(0).standard_normal((SLOW, SLOW)) / SLOW).astype(np.float32)
     results: list = []
     try:
@@ -562,9 +564,12 @@ def test_sigterm_drains_grpc(tmp_path):
         worker = threading.Thread(target=lambda: results.append(c.infer("slow", [inp]).as_numpy("y")))
         worker.start()
         time.sleep(min(0.3, took / 3))
+        late = grpcclient.InferenceServerClient(srv.grpc_address)
+        assert worker.is_alive()
+        code, message = status_of(lambda: late.infer("slow", [inp]))
+        assert code == "StatusCode.RESOURCE_EXHAUSTED" and "KILN_MAX_INFLIGHT 1" in message
         srv.proc.send_signal(15)
         time.sleep(0.1)
-        late = grpcclient.InferenceServerClient(srv.grpc_address)
         assert worker.is_alive() and srv.proc.poll() is None
         code, message = status_of(lambda: late.infer("slow", [inp]))
         assert code == "StatusCode.UNAVAILABLE" and "shutting down" in message
