@@ -23,8 +23,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 # Compiles fork subprocesses while gRPC threads run; grpc's fork handlers would only log that they
 # skip themselves (one INFO line per fork). Kiln never uses gRPC in a forked child.
@@ -36,13 +37,20 @@ from google.protobuf import json_format  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from backends.datatypes import V2_TO_NUMPY, v2_datatype
+
 from . import __version__, stats
 from .errors import InvalidInput, KilnError, NotFound
 from .guard import Guard
 from .infer import InferCore
 from .logs import REQUEST
 from .model import ModelVersion
-from .protocol import MAX_DIMS, InferRequest, RequestedOutput, decode_bytes_elements, encode_bytes_elements
+from .protocol import (
+    MAX_DIMS,
+    InferRequest,
+    RequestedOutput,
+    decode_bytes_elements,
+    encode_bytes_elements,
+)
 from .protos import grpc_service_pb2 as pb
 from .protos import grpc_service_pb2_grpc as pb_grpc
 from .protos import model_config_pb2 as mc
@@ -374,7 +382,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 rejection = self.guard.admit("POST", _http_path("ModelStreamInfer", request.model_name), auth)
                 if rejection is not None:
-                    status, hdrs, body = rejection
+                    status, _headers, body = rejection
                     reply = pb.ModelStreamInferResponse(error_message=orjson.loads(body)["error"])
                 else:
                     try:

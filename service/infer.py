@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import orjson
 
@@ -20,7 +21,13 @@ from . import limits as _limits
 from . import metrics
 from .errors import InvalidInput, KilnError, PayloadTooLarge
 from .model import ModelVersion
-from .protocol import InferRequest, classify, decode_request, decompress, encode_response
+from .protocol import (
+    InferRequest,
+    classify,
+    decode_request,
+    decompress,
+    encode_response,
+)
 from .repository import ModelRepository
 
 log = logging.getLogger("kiln.http")

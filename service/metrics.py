@@ -152,7 +152,7 @@ class RequestTotals:
     """Cumulative request counts and seconds per phase, as Triton's statistics extension reports
     them (service/stats.py); folded from the same tally as the Prometheus series."""
 
-    __slots__ = ("success", "rows", "seconds", "failed", "failed_s")
+    __slots__ = ("failed", "failed_s", "rows", "seconds", "success")
 
     def __init__(self) -> None:
         self.success = self.rows = self.failed = 0

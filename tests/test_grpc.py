@@ -525,8 +525,13 @@ def test_auth_scopes_over_tls(tmp_path):
         # A stream is admitted per request with the stream's metadata, refusals in error_message.
         for headers, want in ((None, "authentication required"), ({"authorization": "Bearer infer-token"}, None)):
             got, done = [], threading.Event()
+
+            def callback(result, error, got=got, done=done):
+                got.append((result, error))
+                done.set()
+
             s = grpcclient.InferenceServerClient(srv.grpc_address, ssl=True, root_certificates=str(cert))
-            s.start_stream(callback=lambda result, error: (got.append((result, error)), done.set()), headers=headers)
+            s.start_stream(callback=callback, headers=headers)
             s.async_stream_infer("digits-cnn", [digits_input(x)])
             assert done.wait(30)
             s.stop_stream()
