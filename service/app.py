@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__, metrics, stats
 from . import openapi as _openapi
-from .errors import InvalidInput, KilnError, NotFound, PayloadTooLarge
+from .errors import InvalidInput, KilnError, NotFound, PayloadTooLarge, error_reply
 from .infer import InferRoute, match_infer_path, too_large
 from .repository import ModelRepository
 from .settings import Settings
@@ -30,8 +30,8 @@ EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "model
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps({"error": message}), status_code=status, media_type="application/json",
-                    headers=headers)
+    _, _, body = error_reply(status, message)
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 def json_response(data: Any, status: int = 200) -> Response:

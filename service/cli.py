@@ -63,6 +63,7 @@ def serve(
     --grpc_port) are accepted as they are."""
     from . import logs
     from .guard import wrap
+    from .settings import HttpLimits
     from .lifecycle import serve as serve_until_signalled
 
     if model_dir is not None:
@@ -101,7 +102,8 @@ def serve(
     options = dict(host=settings.http_host, port=settings.http_port, log_level=settings.log_level,
                    grace_s=settings.shutdown_grace_s, log_config=logs.uvicorn_log_config(settings.log_level),
                    ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
-                   ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None)
+                   ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
+                   http_limits=HttpLimits.from_settings(settings))
     if workers == 1:
         from .app import create_app
 

@@ -1,5 +1,7 @@
 """Errors that map to an HTTP status and a v2 `{"error": ...}` body."""
 
+import orjson
+
 
 class KilnError(Exception):
     status = 500
@@ -38,3 +40,11 @@ class Unavailable(KilnError):
 
 class ConfigError(Exception):
     """A config file that does not validate; the message names the file and the field."""
+
+
+def error_reply(status: int, message: str, extra: list[tuple[bytes, bytes]] | tuple = ()) -> tuple[
+        int, list[tuple[bytes, bytes]], bytes]:
+    """The one builder of a v2 error answer: (status, headers, `{"error": message}` body). Every
+    layer that answers an error — the HTTP protocol, the guard, the infer route, the FastAPI
+    handlers — goes through it, so the body and its content type are the same everywhere."""
+    return status, [(b"content-type", b"application/json"), *extra], orjson.dumps({"error": message})

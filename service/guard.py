@@ -23,9 +23,12 @@ import time
 import orjson
 
 from .auth import AuthError, TokenAuth
-from .logs import REQUEST, parse_traceparent, request_id
+from .errors import error_reply
+from .logs import REQUEST, parse_traceparent, quote_path, request_id, safe
 
 log = logging.getLogger("kiln.http")
+
+DUPLICATE = "\0duplicate"  # Guard.context's Authorization value when the header came twice
 
 
 class Drain:
@@ -53,12 +56,6 @@ def wrap(app, settings) -> "Guard":
     return Guard(app, DRAIN, auth, settings.max_inflight)
 
 
-def _error_body(status: int, message: str, extra: list[tuple[bytes, bytes]] = ()):
-    body = orjson.dumps({"error": message})
-    headers = [(b"content-type", b"application/json"), *extra]
-    return status, headers, body
-
-
 class Guard:
     def __init__(self, app, drain: Drain | None = None, auth: TokenAuth | None = None, max_inflight: int = 0):
         self.app = app
@@ -73,7 +70,8 @@ class Guard:
 
     # -- the steps, shared by the ASGI wrapper below and the infer fast path (service/http_protocol.py)
     def context(self, headers) -> tuple[tuple[str, str | None, str | None], str | None]:
-        """((request id, trace id, parent span id), Authorization header) from the request headers."""
+        """((request id, trace id, parent span id), Authorization header) from the request headers.
+        Two Authorization headers give DUPLICATE: which one counts is ambiguous, so `check` refuses it."""
         rid_header = tp_header = auth_header = None
         for k, v in headers:
             if k == b"x-request-id":
@@ -81,27 +79,40 @@ class Guard:
             elif k == b"traceparent":
                 tp_header = v.decode("latin-1")
             elif k == b"authorization":
-                auth_header = v.decode("latin-1")
+                auth_header = DUPLICATE if auth_header is not None else v.decode("latin-1")
         return (request_id(rid_header), *parse_traceparent(tp_header)), auth_header
 
-    def admit(self, method: str, path: str, auth_header: str | None):
-        """None when the request may go on (then counted in flight: call `release`), else the
-        rejection (status, headers, body) to send."""
+    def check(self, method: str, path: str, auth_header: str | None):
+        """Drain and auth: None when the request may go on, else the rejection (status, headers,
+        body) to send. Asked as soon as the headers are in, before any body is read."""
         drain = self.drain
         if drain.draining and path != "/v2/health/live":
-            return _error_body(503, "server is shutting down" if path != "/v2/health/ready"
+            return error_reply(503, "server is shutting down" if path != "/v2/health/ready"
                                else "server is not ready: shutting down", [(b"connection", b"close")])
-        if self.max_inflight and drain.inflight >= self.max_inflight and not path.startswith("/v2/health/"):
-            return _error_body(503, f"server is overloaded: {drain.inflight} requests in flight "
-                               f"(KILN_MAX_INFLIGHT {self.max_inflight})", [(b"retry-after", b"1")])
+        if auth_header is DUPLICATE:
+            return error_reply(400, "more than one Authorization header")
         if self.auth is not None:
             try:
                 self.auth.check(method, path, auth_header)
             except AuthError as err:
                 extra = [(b"www-authenticate", b'Bearer realm="kiln"')] if err.status == 401 else []
-                return _error_body(err.status, err.message, extra)
+                return error_reply(err.status, err.message, extra)
+        return None
+
+    def acquire(self, path: str):
+        """The in-flight bound: None when the request is admitted (then counted in flight: call
+        `release`), else the 503 to send. The infer fast path asks only once the body is read, so
+        clients that send half a body hold a connection, never a slot."""
+        drain = self.drain
+        if self.max_inflight and drain.inflight >= self.max_inflight and not path.startswith("/v2/health/"):
+            return error_reply(503, f"server is overloaded: {drain.inflight} requests in flight "
+                               f"(KILN_MAX_INFLIGHT {self.max_inflight})", [(b"retry-after", b"1")])
         drain.inflight += 1
         return None
+
+    def admit(self, method: str, path: str, auth_header: str | None):
+        """`check` then `acquire`, for requests whose body the app reads itself (ASGI)."""
+        return self.check(method, path, auth_header) or self.acquire(path)
 
     def release(self) -> None:
         self.drain.inflight -= 1
@@ -117,10 +128,10 @@ class Guard:
                     message = orjson.loads(error).get("error", "")
                 except (orjson.JSONDecodeError, AttributeError):
                     message = error[:200].decode("utf-8", "replace")
-            log.warning("%s %s -> %d: %s", method, path, status, message,
+            log.warning("%s %s -> %d: %s", method, quote_path(path), status, safe(message),
                         extra={"status": status, "duration_ms": round((time.perf_counter() - start) * 1000, 3)})
         elif log.isEnabledFor(logging.DEBUG):
-            log.debug("%s %s -> %d", method, path, status,
+            log.debug("%s %s -> %d", method, quote_path(path), status,
                       extra={"status": status, "duration_ms": round((time.perf_counter() - start) * 1000, 3)})
 
     # -- ASGI ------------------------------------------------------------------------------------
@@ -132,14 +143,21 @@ class Guard:
         token = REQUEST.set(ctx)
         rid_bytes = ctx[0].encode()
         path, method = scope["path"], scope["method"]
+        head = method == "HEAD"
+        if head:
+            # Answered as GET (RFC 9110 9.3.2: same headers, no content); the server drops the body.
+            scope, method = {**scope, "method": "GET"}, "GET"
         state = {"status": 0, "error": b""}
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
                 state["status"] = message["status"]
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid_bytes)]
-            elif message["type"] == "http.response.body" and state["status"] >= 400 and len(state["error"]) < 512:
-                state["error"] += message.get("body", b"")[:512]
+            elif message["type"] == "http.response.body":
+                if state["status"] >= 400 and len(state["error"]) < 512:
+                    state["error"] += message.get("body", b"")[:512]
+                if head:
+                    message = {**message, "body": b""}
             await send(message)
 
         admitted = False

@@ -15,11 +15,10 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import orjson
-
 from . import limits as _limits
 from . import metrics
 from .errors import InvalidInput, KilnError, PayloadTooLarge
+from .errors import error_reply as _error_reply
 from .model import ModelVersion
 from .protocol import (
     InferRequest,
@@ -34,8 +33,6 @@ log = logging.getLogger("kiln.http")
 
 Reply = tuple[int, list[tuple[bytes, bytes]], bytes]
 T = TypeVar("T")
-
-_JSON = (b"content-type", b"application/json")
 
 
 def match_infer_path(path: str) -> tuple[str, str | None] | None:
@@ -59,11 +56,8 @@ def too_large(size: int, limit: int, declared: bool) -> PayloadTooLarge | None:
 
 
 def error_reply(exc: KilnError) -> Reply:
-    headers = [_JSON]
     retry = getattr(exc, "retry_after", None)
-    if retry:
-        headers.append((b"retry-after", str(max(1, int(retry))).encode()))
-    return exc.status, headers, orjson.dumps({"error": exc.message})
+    return _error_reply(exc.status, exc.message, [(b"retry-after", str(max(1, int(retry))).encode())] if retry else ())
 
 
 class InferCore:

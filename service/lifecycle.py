@@ -76,15 +76,19 @@ class GracefulServer(uvicorn.Server):
 
 
 def serve(app, *, host: str, port: int, log_level: str, grace_s: float, workers: int = 1,
-          ssl_certfile: str | None = None, ssl_keyfile: str | None = None, log_config=None) -> int:
+          ssl_certfile: str | None = None, ssl_keyfile: str | None = None, log_config=None,
+          http_limits=None) -> int:
     """Serve until signalled; the process exit code (0 after a drained shutdown, 3 if startup failed).
     With workers > 1, `app` is an import string of an app factory; each worker drains on its own."""
     # Imported here: it pulls in service.metrics, which must see PROMETHEUS_MULTIPROC_DIR (set by
     # `kiln serve --workers N` just before this) when it creates its metrics.
-    from .http_protocol import KilnConnection
+    from .settings import HttpLimits
+    from .http_protocol import connection_class
 
+    limits = http_limits or HttpLimits.from_settings()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), loop="uvloop",
-                            http=KilnConnection, access_log=False, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+                            http=connection_class(limits), timeout_keep_alive=limits.keep_alive_timeout_s,
+                            access_log=False, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
                             timeout_graceful_shutdown=max(1, min(5, int(grace_s))), log_config=log_config,
                             proxy_headers=False,  # Kiln never reads the client address
                             workers=workers, factory=workers > 1)

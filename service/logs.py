@@ -14,6 +14,7 @@ import random
 import re
 import sys
 import time
+import urllib.parse
 from typing import Any
 
 import orjson
@@ -45,6 +46,31 @@ def request_id(header: str | None) -> str:
     # 128 random bits from Python's PRNG: ids only need to be unique, not unguessable, and uuid4's
     # getrandom() syscall per request was a measurable share of the infer path (docs/throughput.md).
     return f"{random.getrandbits(128):032x}"
+
+
+# Characters that end or rewrite a line in a log file or a terminal: C0 and C1 controls, DEL, and
+# the Unicode line and paragraph separators.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def safe(text: str) -> str:
+    """`text` with every line-breaking or control character written as an escape (`\\n`, `\\x1b`),
+    so a value a client chose (a path, a model name inside an error message) stays on its line."""
+    if not _UNSAFE.search(text):
+        return text
+    return _UNSAFE.sub(lambda m: _ESCAPES.get(m.group(), f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256
+                                              else f"\\u{ord(m.group()):04x}"), text)
+
+
+# What stays literal when a (percent-decoded) request path is written back into a log line.
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+
+
+def quote_path(path: str) -> str:
+    """A request path as it goes into a log line: percent-encoded again (`%0A`, `%20`), so the line
+    shows what was asked for and a path can never forge a line of its own."""
+    return urllib.parse.quote(path, safe=_PATH_SAFE)
 
 
 class ContextFilter(logging.Filter):
@@ -87,6 +113,13 @@ class JSONFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # The message only: a traceback (appended after it by Formatter.format) keeps its lines.
+        message = safe(record.message)
+        if message is not record.message:
+            record = logging.makeLogRecord({**record.__dict__, "message": message})
+        return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)

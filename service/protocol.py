@@ -410,6 +410,9 @@ def decompress(body: bytes, encoding: str | None, limit: int | None = None) -> b
             raise PayloadTooLarge(f"{encoding} body inflates past the limit of {limit} bytes")
         if not d.eof:
             raise InvalidInput(f"body is not valid {encoding}: incomplete or truncated stream")
+        if d.unused_data:  # one stream, nothing after it: a second gzip member is not read either
+            raise InvalidInput(f"body is not valid {encoding}: {len(d.unused_data)} bytes after the end of the "
+                               f"compressed stream (trailing data or a second gzip member)")
         return out
     except zlib.error as err:
         raise InvalidInput(f"body is not valid {encoding}: {err}") from None

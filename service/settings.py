@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import resource
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import Field
@@ -58,3 +60,59 @@ class Settings(BaseSettings):
     # TLS: both set = HTTPS.
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
+
+    # -- the HTTP front (service/http_front.py, docs/hardening.md) ---------------------------------
+    # Request line + headers of one request, in bytes: beyond it 431 and the connection closes.
+    max_header_bytes: int = Field(32 * 1024, ge=1024)
+    # The request target (path and query), in bytes: beyond it 414.
+    max_url_bytes: int = Field(8 * 1024, ge=256)
+    # From a request's first byte to the end of its headers (s): beyond it 408.
+    header_timeout_s: float = Field(10.0, gt=0)
+    # Longest pause between two reads of a request body (s): beyond it 408.
+    body_timeout_s: float = Field(30.0, gt=0)
+    # An open connection with no request on it (fresh, or between requests) is closed after this (s).
+    keep_alive_timeout_s: float = Field(5.0, gt=0)
+    # A response the client does not read: the connection is dropped once its writes have stayed
+    # blocked this long (s).
+    send_timeout_s: float = Field(30.0, gt=0)
+    # Open connections per worker process. At the bound a new connection closes the longest-idle
+    # one; when none is idle the newcomer gets 503. 0 = what RLIMIT_NOFILE leaves at startup.
+    max_connections: int = Field(0, ge=0)
+
+
+# File descriptors kept free under RLIMIT_NOFILE for what the server opens after startup (model
+# files, the metrics directory, a repository reload) when KILN_MAX_CONNECTIONS is automatic.
+_FD_RESERVE = 32
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """The HTTP front's bounds (service/http_front.py), taken from Settings: a plain value, so it
+    travels to worker processes (and imports nothing that creates metrics)."""
+
+    max_header_bytes: int
+    max_url_bytes: int
+    header_timeout_s: float
+    body_timeout_s: float
+    keep_alive_timeout_s: float
+    send_timeout_s: float
+    max_connections: int  # 0: from RLIMIT_NOFILE (see `connection_bound`)
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> "HttpLimits":
+        settings = settings if settings is not None else Settings()
+        return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__})
+
+    def connection_bound(self) -> int:
+        """The connection bound of this process: KILN_MAX_CONNECTIONS, or the descriptors that
+        RLIMIT_NOFILE leaves once those open now and a small reserve are taken out."""
+        if self.max_connections:
+            return self.max_connections
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return 1 << 20
+        try:
+            open_now = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            open_now = 64
+        return max(16, soft - open_now - _FD_RESERVE)
