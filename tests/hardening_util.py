@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,51 @@ from tests.kiln_server import DEFAULT_REPO
 from tests.test_metrics_and_concurrency import slow_model
 
 DIGITS = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.5] * 64}]}
+
+
+def infer_request(body: bytes, extra: str = "", path: str = "/v2/models/digits-cnn/infer") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+class Conn:
+    """A raw HTTP/1.1 client: what we send is exactly what the server parses."""
+
+    def __init__(self, srv, timeout: float = 30):
+        self.sock = socket.create_connection(("127.0.0.1", srv.port), timeout=timeout)
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        chunk = self.sock.recv(1 << 16)
+        self.buf += chunk
+        return bool(chunk)
+
+    def response(self, head: bool = False) -> tuple[int, dict[str, str], bytes]:
+        """The next response (status, headers, body); `head`: the answer to a HEAD, with no body."""
+        while b"\r\n\r\n" not in self.buf:
+            assert self._fill(), f"connection closed before a response: {self.buf!r}"
+        raw, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = raw.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
+        n = 0 if head else int(headers.get("content-length", 0))
+        while len(self.buf) < n:
+            assert self._fill(), "connection closed inside a response body"
+        body, self.buf = self.buf[:n], self.buf[n:]
+        return status, headers, body
+
+    def closed_by_server(self) -> bool:
+        self.sock.settimeout(5)
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def digits_body(**request) -> bytes:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,8 @@ import numpy as np
 import orjson
 import pytest
 
-from tests.hardening_util import add_digits
+from tests.hardening_util import Conn, add_digits
+from tests.hardening_util import infer_request as _request
 from tests.kiln_server import ROOT, Server, free_port, start_server
 from tests.metrics_util import scrape, value
 
@@ -55,50 +55,6 @@ def _x(rows: int, seed: int = 0) -> np.ndarray:
 def _json_body(x: np.ndarray, rid: str) -> bytes:
     return orjson.dumps({"id": rid, "inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
                                                 "data": x.reshape(-1).tolist()}]})
-
-
-def _request(body: bytes, extra: str = "", path: str = "/v2/models/digits-cnn/infer") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
-
-
-class Conn:
-    """A raw HTTP/1.1 client: what we send is exactly what the server parses."""
-
-    def __init__(self, srv: Server):
-        self.sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
-        self.buf = b""
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _fill(self) -> bool:
-        chunk = self.sock.recv(1 << 16)
-        self.buf += chunk
-        return bool(chunk)
-
-    def response(self) -> tuple[int, dict[str, str], bytes]:
-        while b"\r\n\r\n" not in self.buf:
-            assert self._fill(), f"connection closed before a response: {self.buf!r}"
-        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = {k.lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
-        n = int(headers.get("content-length", 0))
-        while len(self.buf) < n:
-            assert self._fill(), "connection closed inside a response body"
-        body, self.buf = self.buf[:n], self.buf[n:]
-        return status, headers, body
-
-    def closed_by_server(self) -> bool:
-        self.sock.settimeout(5)
-        try:
-            return self.sock.recv(1) == b""
-        except ConnectionResetError:
-            return True
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def _logits(body: bytes) -> np.ndarray:
