@@ -386,7 +386,10 @@ class KilnHttpProtocol(HttpToolsProtocol):
             if self._eof and cycle.more_body:
                 self.transport.close()  # its body can never come
                 return
-            self.flow.resume_reading()
+            if not self.pipeline:
+                # Read on only once the queue is empty (uvicorn reads on after every response, so a
+                # client that pipelines faster than it is answered grows the queue without bound).
+                self.flow.resume_reading()
             self._start_asgi_task(cycle, app)
         elif self._failure is not None:
             self._write_error(*self._failure)
