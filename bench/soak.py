@@ -19,6 +19,7 @@ of the model every second. It reports the normal clients' p50/p99 and failures i
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import random
 import select
 import socket
@@ -84,7 +85,6 @@ class Adversaries:
         self.churn = churn
         self.opened = dict.fromkeys([*self.plan, "reload"], 0)
         self.stopping = threading.Event()
-        self.threads: list[threading.Thread] = []
         body = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8],
                                          "data": [0.5] * 64}]})
         head = (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: soak\r\nContent-Type: application/json\r\n"
@@ -108,6 +108,7 @@ class Adversaries:
             if s is None:
                 continue
             try:
+                s.settimeout(None)  # held until the server drops it
                 s.sendall(first)
                 while not self.stopping.is_set():
                     s.sendall(more)
@@ -150,7 +151,8 @@ class Adversaries:
                 except httpx.HTTPError:
                     pass
 
-    def start(self) -> None:
+    def run(self, stop, report) -> None:
+        """In the adversaries' own process (their threads must not take the normal clients' GIL)."""
         targets = []
         for _ in range(self.plan["slow_header"]):
             start = f"GET /v2/models/{self.model} HTTP/1.1\r\nHost: soak\r\nX-Pad: ".encode()
@@ -164,15 +166,25 @@ class Adversaries:
         if self.churn:
             targets.append((self._reloader, ()))
         for fn, fargs in targets:
-            th = threading.Thread(target=fn, args=fargs, daemon=True)
-            th.start()
-            self.threads.append(th)
+            threading.Thread(target=fn, args=fargs, daemon=True).start()
+        stop.wait()
+        self.stopping.set()
+        report.put(dict(self.opened))
+
+    def start(self) -> None:
+        ctx = multiprocessing.get_context("fork")
+        self._stop, self._report = ctx.Event(), ctx.Queue()
+        self._proc = ctx.Process(target=self.run, args=(self._stop, self._report), daemon=True)
+        self._proc.start()
 
     def stop(self) -> dict[str, int]:
-        self.stopping.set()
-        for th in self.threads:
-            th.join(10)
-        return dict(self.opened)
+        self._stop.set()
+        try:
+            opened = self._report.get(timeout=10)
+        finally:
+            self._proc.terminate()  # threads blocked in a send the server never reads
+            self._proc.join(10)
+        return opened
 
 
 def soak_phase(args, url: str, pid: int | None, label: str) -> dict:

@@ -83,8 +83,9 @@ class Server:
 
 def start_server(repo: Path | None = DEFAULT_REPO, cache_dir: Path | None = None, *, log_dir: Path, args: list[str] = (),
                  env: dict[str, str] | None = None, wait: bool = True, timeout: float = 180.0,
-                 cpu: int | None = None, grpc: bool = False) -> Server:
-    """`grpc`: serve gRPC on a free port too (off otherwise, so parallel servers never race for 8001)."""
+                 cpu: int | None = None, grpc: bool = False, nofile: int | None = None) -> Server:
+    """`grpc`: serve gRPC on a free port too (off otherwise, so parallel servers never race for 8001).
+    `nofile`: the server's RLIMIT_NOFILE (what `ulimit -n` sets)."""
     port = free_port()
     grpc_port = free_port() if grpc else 0
     cache_dir = cache_dir or (log_dir / "cache")
@@ -97,6 +98,10 @@ def start_server(repo: Path | None = DEFAULT_REPO, cache_dir: Path | None = None
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=full_env)
+    if nofile is not None:  # at once: the server opens its sockets seconds later, after loading models
+        import resource
+
+        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
     server = Server(proc, port, log_path, cache_dir, repo, list(args), grpc_port)
     if wait:
         try:

@@ -169,6 +169,23 @@ def test_connection_bound_closes_the_longest_idle(srv, expected):
     _still_serving(srv, expected)
 
 
+def test_silent_sockets_past_the_descriptor_limit_do_not_lock_clients_out(srv, tmp_path, expected):
+    """`ulimit -n 256` and no KILN_MAX_CONNECTIONS: the bound comes from RLIMIT_NOFILE. Before,
+    400 silent sockets took every descriptor and each new client's connection was reset."""
+    add_digits(tmp_path / "repo")
+    server = start_server(tmp_path / "repo", srv.cache_dir, log_dir=tmp_path, nofile=256,  # srv's cache: no compile
+                          env={"KILN_KEEP_ALIVE_TIMEOUT_S": "30"})
+    try:
+        silent = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(400)]
+        time.sleep(0.3)
+        for _ in range(5):
+            _still_serving(server, expected)
+        for s in silent:
+            s.close()
+    finally:
+        server.stop()
+
+
 # -- item 5: backpressure ----------------------------------------------------------------------------------
 def _echo_request() -> bytes:
     x = np.full((ECHO, ECHO), 1.0 / ECHO, np.float32)
