@@ -38,7 +38,7 @@ class InferFastPath:
     route: InferRoute
 
     @classmethod
-    def find(cls, app, limit_concurrency: int | None) -> "InferFastPath | None":
+    def find(cls, app, limit_concurrency: int | None) -> InferFastPath | None:
         """The fast path for the app uvicorn loaded, or None (every request then goes through ASGI,
         with the same answers, slower). Says which, once per process, with the reason."""
         skipped = []

@@ -35,7 +35,6 @@ from .infer import error_reply as route_error_reply
 from .infer import match_infer_path, too_large
 from .logs import REQUEST, quote_path, safe
 
-
 # The first read of a request: room for the headers and a typical JSON body (the MLP's 784 floats
 # are ~15 KB). Whatever of an infer body does not fit is read straight into its buffer; a bigger
 # scratch only adds copies (64 KiB cost a 600 KB image ~22 µs more of event-loop CPU).
@@ -137,6 +136,7 @@ class KilnHttpProtocol(HttpToolsProtocol):
         self.limits = limits
         self.timeout_keep_alive = limits.keep_alive_timeout_s
         self.infer: InferFastPath | None = self.front.fast_path
+        self.url = b""
         self._scratch: memoryview | None = None
         self._direct: _InferCycle | None = None  # the cycle whose body the loop reads into
         self._phase = _IDLE
@@ -383,8 +383,12 @@ class KilnHttpProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         if self.pipeline:
             cycle, app = self.pipeline.pop()
-            if self._eof and cycle.more_body:
-                self.transport.close()  # its body can never come
+            if cycle.more_body and (self._eof or self._failure is not None):
+                # Its body can never come (EOF), or is the one that failed: answer that, and close.
+                if self._failure is not None:
+                    self._write_error(*self._failure)
+                else:
+                    self.transport.close()
                 return
             if not self.pipeline:
                 # Read on only once the queue is empty (uvicorn reads on after every response, so a
@@ -406,9 +410,31 @@ class KilnHttpProtocol(HttpToolsProtocol):
         """Refuse the request being read: answered after the responses still owed, then closed."""
         if self._failure is not None:
             return
+        if self._phase == _BODY:
+            return self._refuse_body(status, message)
         self._failure = (status, message)
         self.flow.pause_reading()
         if not self._responses_pending():
+            self._write_error(status, message)
+
+    def _refuse_body(self, status: int, message: str) -> None:
+        """The request whose body is being read can never complete (it stalled, or its framing is
+        broken): it gets `status` now, or when its turn comes if earlier answers are owed; then close."""
+        self._failure = (status, message)
+        self.flow.pause_reading()
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            self.transport.close()  # already answered (the app did not wait for the body)
+        elif self.pipeline:
+            return  # _next answers it after the responses before it
+        elif isinstance(cycle, _InferCycle):
+            cycle.keep_alive = False
+            cycle.abandon(status, message)
+        elif cycle.response_started:
+            cycle.keep_alive = False  # the app answers without the rest of the body; then close
+        else:
+            cycle.disconnected = True  # the app waiting in receive() gets http.disconnect
+            cycle.message_event.set()
             self._write_error(status, message)
 
     def _write_error(self, status: int, message: str, extra=()) -> None:
@@ -418,8 +444,8 @@ class KilnHttpProtocol(HttpToolsProtocol):
             self.transport.writelines(_response(self.server_state.default_headers, status, headers, payload, False))
             self.transport.close()
         if status != 503:
-            guard_log.warning("HTTP %d from %s: %s", status, quote_path(httptools.parse_url(self.url).path.decode(
-                "latin-1")) if self.url else "(no request line)", safe(message), extra={"status": status})
+            target = quote_path(self.url[:512].decode("latin-1")) if self.url else "(no request line)"
+            guard_log.warning("%s -> %d: %s", target, status, safe(message), extra={"status": status})
 
     def pause_writing(self) -> None:
         self.flow.pause_writing()
@@ -440,6 +466,8 @@ class KilnHttpProtocol(HttpToolsProtocol):
 
     def _on_send_timeout(self) -> None:
         self._send_timer = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.disconnected = True  # its app must not write to the aborted transport
         guard_log.warning("client read nothing of its responses for %.3g s (KILN_SEND_TIMEOUT_S): connection "
                           "dropped", self.limits.send_timeout_s)
         self.transport.abort()
@@ -465,24 +493,8 @@ class KilnHttpProtocol(HttpToolsProtocol):
             self._fail(408, f"request headers not complete after {self.limits.header_timeout_s:.3g} s "
                             f"(KILN_HEADER_TIMEOUT_S)")
         else:
-            self._body_timeout()
-
-    def _body_timeout(self) -> None:
-        message = f"request body: nothing received for {self.limits.body_timeout_s:.3g} s (KILN_BODY_TIMEOUT_S)"
-        cycle = self.cycle
-        self._failure = (408, message)
-        if isinstance(cycle, _InferCycle):
-            cycle.keep_alive = False
-            cycle.timed_out(message)
-        elif cycle is None or cycle.response_complete:
-            self.transport.close()
-        elif cycle.response_started:
-            cycle.keep_alive = False  # the app answers without the rest of the body; then close
-        else:
-            cycle.disconnected = True  # the app waiting in receive() gets http.disconnect
-            cycle.message_event.set()
-            self._write_error(408, message)
-
+            self._refuse_body(408, f"request body: nothing received for {self.limits.body_timeout_s:.3g} s "
+                                   f"(KILN_BODY_TIMEOUT_S)")
 
 class _InferCycle:
     """One infer request on the fast path. Quacks like uvicorn's RequestResponseCycle where the
@@ -610,12 +622,13 @@ class _InferCycle:
         self._reply(*route.refuse(*self.target, exc))
         return True
 
-    def timed_out(self, message: str) -> None:
-        """The body stopped coming (KilnHttpProtocol's body timeout): 408, then the connection closes."""
+    def abandon(self, status: int, message: str) -> None:
+        """The body stopped coming or its framing broke (KilnHttpProtocol._refuse_body): answer
+        `status`; the connection then closes."""
         if self.started and not self.response_complete and not self.dispatched:
             self.chunks, self.view, self.tensor = [], None, None
             self.proto.infer.route.refuse(*self.target, None)
-            self._reply(*error_reply(408, message))
+            self._reply(*error_reply(status, message))
 
     def _dispatch(self) -> None:
         self.dispatched = True

@@ -99,7 +99,7 @@ class HttpLimits:
     max_connections: int  # 0: from RLIMIT_NOFILE (see `connection_bound`)
 
     @classmethod
-    def from_settings(cls, settings: Settings | None = None) -> "HttpLimits":
+    def from_settings(cls, settings: Settings | None = None) -> HttpLimits:
         settings = settings if settings is not None else Settings()
         return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__})
 
