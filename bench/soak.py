@@ -266,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adversarial", action="store_true",
                     help="soak twice: alone, then beside slow-header, half-body, non-reading and silent clients")
     ap.add_argument("--churn", action="store_true", help="with --adversarial: also reload the model every second")
+    ap.add_argument("--hostile", default="slow_headers=2,half_bodies=64,pipeliners=2,silent=64",
+                    help="with --adversarial: how many of each hostile client (kind=n,...; default %(default)s)")
     args = ap.parse_args(argv)
 
     server = None
@@ -288,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if soak_phase(args, url, pid, "soak")["passed"] else 1
         alone = soak_phase(args, url, pid, "normal clients alone")
         host, port = url.split("//", 1)[1].rsplit(":", 1)
-        adversaries = Adversaries(host, int(port), args.model, url, churn=args.churn)
+        plan = {k: int(v) for k, v in (item.split("=") for item in args.hostile.split(",") if item)}
+        adversaries = Adversaries(host, int(port), args.model, url, churn=args.churn,
+                                  **{k: plan.get(k, 0) for k in ("slow_headers", "half_bodies", "pipeliners", "silent")})
         adversaries.start()
         try:
             beside = soak_phase(args, url, pid, "beside hostile clients")
