@@ -1,7 +1,7 @@
 """The outermost ASGI layer: request id and trace context, auth, drain, the in-flight bound, logs.
 
 It wraps the whole app, and Kiln's HTTP protocol (service/http_protocol.py) calls the same steps
-(`context`, `admit`, `release`, `log`) for the infer requests it answers without ASGI, so every HTTP
+(`context`, `check`, `acquire`, `release`, `log`) for the infer requests it answers without ASGI, so every HTTP
 request passes here exactly once:
 
 1. request context: X-Request-ID (or a fresh id) and W3C `traceparent` into service.logs.REQUEST,
@@ -9,10 +9,13 @@ request passes here exactly once:
 2. drain: after SIGTERM (service/lifecycle.py) `/v2/health/ready` answers 503 and every other new
    request except liveness gets 503 `{"error"}` with `Connection: close`; requests already inside
    finish normally;
-3. the server-wide in-flight bound (KILN_MAX_INFLIGHT) → 503 + Retry-After;
-4. bearer-token auth (service/auth.py) → 401 / 403;
-5. one log line per request at DEBUG, one per error response (status ≥ 400) at WARNING, with the
-   error message, status, duration and request id.
+3. the server-wide in-flight bound (KILN_MAX_INFLIGHT) → 503 + Retry-After; the infer fast path
+   takes its slot only once the request's body is in (`acquire`), after drain and auth (`check`);
+4. bearer-token auth (service/auth.py) → 401 / 403; two Authorization headers → 400;
+5. HEAD on a GET route is served as that GET without its body;
+6. one log line per request at DEBUG, one per error response (status ≥ 400) at WARNING, with the
+   error message, status, duration and request id; the path percent-encoded again, so that it
+   cannot break the line.
 """
 
 from __future__ import annotations

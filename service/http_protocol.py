@@ -7,12 +7,14 @@ closure. On a 784-float MLP that was a fifth to a quarter of the server's CPU pe
 instead becomes an `_InferCycle`: the body is collected as the parser hands it over (or read straight
 into its buffer, see KilnHttpProtocol), the guard's steps (service/guard.py: request id, drain,
 in-flight bound, auth, logs) and the shared infer route (service/infer.py) run in one task, and the
-response is one `transport.write`. Everything else — other routes, websockets, keep-alive, pipelining, graceful
-shutdown, TLS — is uvicorn's own code, unchanged: `_InferCycle` has the attributes the protocol
-touches on a cycle, so pipelined requests of either kind queue behind each other in order.
+response is one `transport.write`. Other routes, websockets, graceful shutdown and TLS are
+uvicorn's own code: `_InferCycle` has the attributes the protocol touches on a cycle, so pipelined
+requests of either kind queue behind each other in order. The connection's own rules — limits,
+timeouts, backpressure, refusals in order, RFC 9112 framing — are KilnHttpProtocol's (its docstring),
+with what all connections share in service/http_front.py.
 
-Used by `kiln serve` (`uvicorn.Config(http=KilnConnection)`); under any other server the same
-route is reached through ASGI (service/app.py), with the same answers.
+Used by `kiln serve` (`uvicorn.Config(http=connection_class(limits))`); under any other server the
+same route is reached through ASGI (service/app.py), with the same answers.
 """
 
 from __future__ import annotations
