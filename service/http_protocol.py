@@ -183,7 +183,7 @@ class KilnHttpProtocol(HttpToolsProtocol):
         self._eof = True
         if self._phase == _BODY and not self.pipeline:
             return None  # the request being read is the only one owed, and its body can never come
-        if self._responses_pending():
+        if self._responses_pending() and self.scheme != "https":  # TLS transports cannot half-close
             return True  # keep the transport open for writing; _next closes it
         return None
 
