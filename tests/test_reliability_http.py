@@ -207,13 +207,13 @@ def _echo_request() -> bytes:
 @pytest.mark.parametrize("kind", ["large answers", "small requests"])
 def test_pipeliner_that_never_reads_is_held_back_and_dropped(srv, expected, kind):
     """Large answers: the write buffer fills and reading stops. Small requests: a single read holds
-    dozens of them; the queue of parsed requests must not grow past it (~90 MiB sent either way)."""
+    dozens of them; the queue of parsed requests must not grow past it."""
     proc = psutil.Process(srv.proc.pid)
-    req = _echo_request() if kind == "large answers" else infer_request(digits_body()) * 400
+    req = _echo_request() if kind == "large answers" else infer_request(digits_body()) * 100
     c = Conn(srv)
     for _ in range(3):  # warm the model and the allocator
         c.send(req)
-        for _ in range(1 if kind == "large answers" else 400):
+        for _ in range(1 if kind == "large answers" else 100):
             assert c.response()[0] == 200
     c.close()
     rss_start = proc.memory_info().rss
