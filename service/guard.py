@@ -53,7 +53,7 @@ class Drain:
 DRAIN = Drain()
 
 
-def wrap(app, settings) -> "Guard":
+def wrap(app, settings) -> Guard:
     """The app behind the guard configured from settings (auth from KILN_AUTH_TOKENS_FILE)."""
     auth = TokenAuth(settings.auth_tokens_file, settings.auth_open) if settings.auth_tokens_file else None
     return Guard(app, DRAIN, auth, settings.max_inflight)
