@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     formats = args.formats.split(",")
     results: list[dict] = []
 
+    # The in-process baseline reads the sources build_repo writes: build them first on a fresh checkout.
+    models.build_repo(sorted({n.replace("-nobatch", "") for n in names}))
     inproc: dict[str, float] = {}
     print("in-process ONNX Runtime on core 0 (1 intra-op thread):")
     for m in {n.replace("-nobatch", "") for n in names}:
