@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Backend, BackendUnavailable, CompileFailed, CompileOptions, Runner, TensorInfo
+from .base import Backend, BackendBase, BackendUnavailable, CompileFailed, CompileOptions, Runner, TensorInfo
 
 # name -> "module:Class". Modules import their runtime lazily, so a missing runtime never breaks
 # the registry; `available()` says what is missing.
@@ -34,6 +34,7 @@ def get_backend(name: str) -> Backend:
 
 __all__ = [
     "Backend",
+    "BackendBase",
     "BackendUnavailable",
     "CompileFailed",
     "CompileOptions",

@@ -54,6 +54,10 @@ class Backend(Protocol):
     source_formats: tuple[str, ...]
     # Precisions this backend can build.
     precisions: tuple[str, ...]
+    # Optional, with defaults in BackendBase: Triton's platform name, built formats it serves as they
+    # are (service/source.py ARTIFACT_FILES: "openvino_ir", "tflite", "plan", "mlpackage").
+    platform: str
+    artifact_formats: tuple[str, ...]
 
     def version(self) -> str: ...
 
@@ -62,6 +66,41 @@ class Backend(Protocol):
     def compile(self, source: Path, options: CompileOptions, workdir: Path) -> Path: ...
 
     def load(self, artifact: Path, options: CompileOptions) -> Runner: ...
+
+    def load_artifact(self, path: Path, options: CompileOptions) -> Runner: ...
+
+    def describe(self, artifact: Path) -> dict[str, Any]: ...
+
+    def compile_only(self) -> tuple[bool, str]: ...
+
+    def is_reference(self, source_format: str, options: CompileOptions) -> bool: ...
+
+
+class BackendBase:
+    """Defaults for the optional hooks, so callers call them instead of probing with hasattr."""
+
+    name = ""
+    source_formats: tuple[str, ...] = ()
+    precisions: tuple[str, ...] = ("fp32",)
+    platform = ""
+    artifact_formats: tuple[str, ...] = ()
+
+    def load_artifact(self, path: Path, options: CompileOptions) -> Runner:
+        """Serve an artifact the user brought (one of artifact_formats), built elsewhere."""
+        return self.load(path, options)  # type: ignore[attr-defined]
+
+    def describe(self, artifact: Path) -> dict[str, Any]:
+        """What compile found out about the artifact (shown in the attempt's details)."""
+        return {}
+
+    def compile_only(self) -> tuple[bool, str]:
+        """(True, why) when this machine can build and check the artifact but not run it."""
+        return False, ""
+
+    def is_reference(self, source_format: str, options: CompileOptions) -> bool:
+        """True when a build with these options computes exactly what the FP32 reference computes
+        (backends/reference.py), so a gate that cannot run proves nothing either way about it."""
+        return False
 
 
 class BackendUnavailable(RuntimeError):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import BackendUnavailable, CompileFailed, CompileOptions
+from .base import BackendBase, BackendUnavailable, CompileFailed, CompileOptions
 
 PACKAGE = "model.mlpackage"
 VALIDATION = "validation.json"
@@ -77,8 +77,10 @@ def _weight_match(state: dict[str, np.ndarray], consts: dict[str, np.ndarray], f
             "weights_not_compared": missing}
 
 
-class CoreMLBackend:
+class CoreMLBackend(BackendBase):
     name = "coreml"
+    platform = "coreml"
+    artifact_formats = ("mlpackage",)
     source_formats = ("pt2",)
     precisions = ("fp32", "fp16")
 

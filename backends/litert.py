@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import CompileFailed, CompileOptions
+from .base import BackendBase, CompileFailed, CompileOptions
 
 INDEX = "litert.json"
 
@@ -125,8 +125,10 @@ class LiteRTRunner:
         self.buckets = {}
 
 
-class LiteRTBackend:
+class LiteRTBackend(BackendBase):
     name = "litert"
+    platform = "tflite"
+    artifact_formats = ("tflite",)
     source_formats = ("pt2",)
     precisions = ("fp32", "int8")
 
@@ -187,6 +189,16 @@ class LiteRTBackend:
     def load(self, artifact: Path, options: CompileOptions) -> LiteRTRunner:
         index = json.loads(Path(artifact).read_text())
         return LiteRTRunner(index, Path(artifact).parent, int(options.extra.get("threads", 1)))
+
+    def load_artifact(self, path: Path, options: CompileOptions) -> LiteRTRunner:
+        """A .tflite built elsewhere: one static-shape model; batched requests run in chunks of its
+        own batch size (padded, as compiled buckets are)."""
+        first = options.inputs[0].shape if options.inputs else ()
+        batched = options.max_batch_size > 0 and bool(first)
+        index = {"batched": batched, "models": [{"batch": int(first[0]) if batched and first[0] > 0 else 1,
+                                                 "file": Path(path).name}],
+                 "inputs": [t.name for t in options.inputs], "outputs": [t.name for t in options.outputs]}
+        return LiteRTRunner(index, Path(path).parent, int(options.extra.get("threads", 1)))
 
 
 def _to_eval(module):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import CompileFailed, CompileOptions
+from .base import BackendBase, CompileFailed, CompileOptions
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
@@ -75,8 +75,9 @@ class OnnxRuntimeRunner:
         self.session = None
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(BackendBase):
     name = "onnxruntime"
+    platform = "onnxruntime_onnx"
     source_formats = ("onnx",)
     precisions = ("fp32", "fp16", "int8")
 
@@ -117,6 +118,12 @@ class OnnxRuntimeBackend:
         if source.parent == workdir and source != artifact:
             source.unlink(missing_ok=True)  # intermediate (quantized / fp16 graph before optimization)
         return artifact
+
+    def is_reference(self, source_format: str, options: CompileOptions) -> bool:
+        # The reference is ONNX Runtime fp32 on the CPU over the ONNX source: a CPU-only fp32 build
+        # of the same graph (ONNX Runtime's own graph optimizations applied) is that computation.
+        return (source_format == "onnx" and options.precision == "fp32"
+                and _providers(options.extra) == ["CPUExecutionProvider"])
 
     def load(self, artifact: Path, options: CompileOptions) -> OnnxRuntimeRunner:
         import onnxruntime as ort

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import CompileFailed, CompileOptions
+from .base import BackendBase, CompileFailed, CompileOptions
 
 HINTS = {"fp32": "f32", "fp16": "f16", "int8": "f32"}
 
@@ -58,8 +58,10 @@ class OpenVinoRunner:
         self.compiled = None
 
 
-class OpenVinoBackend:
+class OpenVinoBackend(BackendBase):
     name = "openvino"
+    platform = "openvino"
+    artifact_formats = ("openvino_ir",)
     source_formats = ("onnx", "pt2")
     precisions = ("fp32", "fp16", "int8")
 
@@ -91,7 +93,7 @@ class OpenVinoBackend:
             else:
                 model = ov.convert_model(str(source))
         except Exception as err:
-            raise CompileFailed(f"openvino could not convert {source.name}: {err}") from err
+            raise CompileFailed(conversion_failure(source, err)) from err
         if options.precision == "int8":
             model = quantize_int8(model, options)
         artifact = workdir / "model.xml"
@@ -132,3 +134,39 @@ def quantize_int8(model, options: CompileOptions):
                                  preset=nncf.QuantizationPreset.PERFORMANCE)
     except Exception as err:
         raise CompileFailed(f"openvino int8 (nncf.quantize) failed: {type(err).__name__}: {err}") from err
+
+
+def unconverted_ops(source: Path) -> list[str]:
+    """The source's ops OpenVINO's ONNX frontend has no conversion rule for (its partial conversion
+    leaves them as framework nodes)."""
+    import openvino as ov
+
+    # Keep the manager, frontend and input model alive while the converted model is read: the
+    # framework nodes point into them (dropping them early crashes the process).
+    manager = ov.frontend.FrontEndManager()
+    fe = manager.load_by_framework("onnx")
+    input_model = fe.load(str(source))
+    model = fe.convert_partially(input_model)
+    ops = set()
+    for op in model.get_ordered_ops():
+        if "FrameworkNode" in op.get_type_name():
+            attrs = op.get_attributes()
+            domain, kind = attrs.get("ONNX_META_domain", ""), attrs.get("ONNX_META_type", op.get_type_name())
+            ops.add(f"{domain}.{kind}" if domain else kind)
+    del model, input_model, fe, manager
+    return sorted(ops)
+
+
+def conversion_failure(source: Path, err: Exception) -> str:
+    """A conversion failure that names the ops that did not convert, not a C++ check location."""
+    text = str(err)
+    ops: list[str] = []
+    if source.suffix == ".onnx":
+        try:
+            ops = unconverted_ops(source)
+        except Exception:  # the partial conversion failed as well: the error text is all there is
+            ops = []
+    summary = next((line.strip(" -") for line in text.splitlines() if "conversion rule" in line), "")
+    if ops:
+        return f"openvino cannot convert {source.name}: no conversion rule for op(s) {', '.join(ops)}"
+    return f"openvino could not convert {source.name}: {summary or text}"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import BackendUnavailable, CompileFailed, CompileOptions
+from .base import BackendBase, BackendUnavailable, CompileFailed, CompileOptions
 
 ENGINE = "model.engine"
 
@@ -225,8 +225,10 @@ class _EntropyCalibrator:
         return Calibrator()
 
 
-class TensorRTBackend:
+class TensorRTBackend(BackendBase):
     name = "tensorrt"
+    platform = "tensorrt_plan"
+    artifact_formats = ("plan",)
     source_formats = ("onnx",)
     precisions = ("fp32", "fp16", "int8")
 

@@ -36,7 +36,6 @@ from .cache import FORMAT, cpu_fingerprint, file_sha256
 
 if TYPE_CHECKING:
     from .model import ModelVersion
-    from backends.reference import Reference
 
 log = logging.getLogger("kiln.auto")
 
@@ -115,7 +114,7 @@ def batch_sizes(mv: ModelVersion) -> list[int]:
     return [1, mv.config.max_batch_size] if mv.config.max_batch_size > 1 else [1]
 
 
-def build_auto(mv: ModelVersion, reference: Reference) -> list[tuple[str, str]]:
+def build_auto(mv: ModelVersion) -> list[tuple[str, str]]:
     """Measure (or reuse the cached decision) and return the serving order: the winner first, then the
     other passing candidates by score as fallbacks. Sets mv.auto."""
     cands = candidates(mv)
@@ -138,12 +137,12 @@ def build_auto(mv: ModelVersion, reference: Reference) -> list[tuple[str, str]]:
     sizes = batch_sizes(mv)
     log.info("model %s v%s: auto: measuring %d candidate(s) at batch sizes %s: %s", mv.name, mv.version,
              len(cands), sizes, ", ".join(f"{b}/{p}" for b, p in cands))
-    golden = mv.golden_inputs(None)
+    golden = mv.golden_inputs()
     results: list[dict[str, Any]] = []
     for name, precision in cands:
         row: dict[str, Any] = {"backend": name, "precision": precision}
         results.append(row)
-        _measure(mv, reference, row, golden, sizes)
+        _measure(mv, row, golden, sizes)
         log.info("model %s v%s: auto: %s/%s %s%s", mv.name, mv.version, name, precision, row["status"],
                  f" score {row['score_ms']:.4f} ms {row['latency_ms']}" if "score_ms" in row else f": {row['reason']}")
     passed = sorted((r for r in results if r["status"] == "ok"), key=lambda r: r["score_ms"])
@@ -176,36 +175,36 @@ def build_auto(mv: ModelVersion, reference: Reference) -> list[tuple[str, str]]:
     return [(r["backend"], r["precision"]) for r in passed]
 
 
-def _measure(mv: ModelVersion, reference: Reference, row: dict[str, Any], golden: dict[str, np.ndarray],
+def _measure(mv: ModelVersion, row: dict[str, Any], golden: dict[str, np.ndarray] | None,
              sizes: list[int]) -> None:
-    """Availability, compile + gates (mv.try_attempt, serve=False), timing; fills row."""
+    """Availability, compile + gates (an attempt that is not served), timing; fills row."""
     name, precision = row["backend"], row["precision"]
     try:
         backend = get_backend(name)
     except KeyError as err:
         row.update(status="failed", reason=str(err.args[0]))
         return
-    compile_only = getattr(backend, "compile_only", None)
-    if compile_only is not None:  # cheap platform check first (Core ML off macOS)
-        skip, why = compile_only()
-        if skip:
-            row.update(status="unavailable", reason=f"compile-only here: {why}")
-            return
+    skip, why = backend.compile_only()  # cheap platform check first (Core ML off macOS)
+    if skip:
+        row.update(status="unavailable", reason=f"compile-only here: {why}")
+        return
     ok, why = backend.available()
     if not ok:
         row.update(status="unavailable", reason=why)
         return
-    attempt = mv.try_attempt(name, precision, reference, serve=False)
+    attempt = mv.pipeline.run(name, precision, serve=False)
     row.update(status=attempt.status, reason=attempt.reason, cache=attempt.cache,
                compile_seconds=attempt.compile_seconds, parity_max_abs_error=attempt.parity_max_abs_error,
-               accuracy=attempt.accuracy)
-    if attempt.status != "ok":
+               accuracy=attempt.accuracy["compiled"] if attempt.accuracy else None, parity=attempt.parity_verdict)
+    if not attempt.ok:
         return
     try:
-        row["latency_ms"] = time_runner(mv._all_runners[0], golden, sizes, mv.config.auto.runs,  # noqa: SLF001
-                                        mv.config.auto.warmup)
+        if golden is None:  # nothing the reference runs: only the reference build passed, untimed
+            row.update(latency_ms={}, score_ms=float("inf"))
+            return
+        row["latency_ms"] = time_runner(attempt.runners[0], golden, sizes, mv.config.auto.runs, mv.config.auto.warmup)
         row["score_ms"] = score(row["latency_ms"])
     except Exception as err:
         row.update(status="failed", reason=f"timing failed: {type(err).__name__}: {err}")
     finally:
-        mv._close_runners()  # noqa: SLF001
+        attempt.close()

@@ -185,8 +185,10 @@ def _latency_ms(mv, batch: int, runs: int) -> float | None:
 
     if mv.state != "READY" or (mv.config.max_batch_size and batch > mv.config.max_batch_size):
         return None
-    runner = mv._all_runners[0]  # noqa: SLF001
-    return time_runner(runner, mv.golden_inputs(None), [batch], runs, warmup=10)[str(batch)]
+    golden = mv.golden_inputs()
+    if golden is None or not mv.runners:
+        return None
+    return time_runner(mv.runners[0], golden, [batch], runs, warmup=10)[str(batch)]
 
 
 def _artifact_bytes(mv) -> int | None:
@@ -226,7 +228,7 @@ def _compile_all(repo, model_dir: Path, runs: int, only_precision: str | None) -
                 row["status"] = f"failed: {mv.reason}"
             if a is not None:
                 row["parity"] = a.parity_max_abs_error
-                row["accuracy"] = a.accuracy
+                row["accuracy"] = a.accuracy["compiled"] if a.accuracy else None
                 row["compile_s"] = a.compile_seconds
                 tol = a.details.get("parity_tolerance")
                 row["atol"] = tol["atol"] if tol else None

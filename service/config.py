@@ -52,6 +52,24 @@ class Tolerance(_Strict):
     rtol: float = Field(0.0, ge=0)
 
 
+class ValueRange(_Strict):
+    """Golden values drawn uniformly from [min, max] (integers: both ends included); a fixed value
+    is written as a plain number and read as min == max."""
+
+    min: float
+    max: float
+
+    @property
+    def fixed(self) -> bool:
+        return self.min == self.max
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ValueRange":
+        if self.min > self.max:
+            raise ValueError(f"min {self.min:g} is above max {self.max:g}")
+        return self
+
+
 class VerifySpec(_Strict):
     # Parity tolerances for fp32 builds (and for lossy builds unless `precisions` overrides them).
     atol: float = Field(1e-4, ge=0)
@@ -63,6 +81,43 @@ class VerifySpec(_Strict):
     # .npz with one array per input name (or a single array for a single-input model).
     samples: str | None = None
     max_samples: int = Field(64, ge=1)
+    # Concrete shapes (batch included) to verify and warm up at, per input: {image: [[1, 3, 224, 224]]}
+    # or one shape {image: [1, 3, 224, 224]}. With several shapes, the k-th shape of every input forms
+    # the k-th golden set, and every set is verified. Inputs not named get inferred shapes.
+    shapes: dict[str, list[list[int]]] = Field(default_factory=dict)
+    # Golden values per input: a fixed number ({sr: 16000}, {state: 0}) or a range
+    # ({ids: {min: 0, max: 999}}). Other inputs get values inferred from the model.
+    values: dict[str, ValueRange] = Field(default_factory=dict)
+    # false: a build whose parity cannot be checked (no golden input the reference can run) still
+    # serves, marked "parity: unverified". true (default): only the reference build itself may.
+    required: bool = True
+
+    @field_validator("shapes", mode="before")
+    @classmethod
+    def _one_or_more_shapes(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: [s] if isinstance(s, list) and s and all(isinstance(d, int) for d in s) else s
+                    for k, s in v.items()}
+        return v
+
+    @field_validator("values", mode="before")
+    @classmethod
+    def _fixed_values(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: {"min": x, "max": x} if isinstance(x, (int, float)) and not isinstance(x, bool) else x
+                    for k, x in v.items()}
+        return v
+
+    @field_validator("shapes")
+    @classmethod
+    def _concrete(cls, v: dict[str, list[list[int]]]) -> dict[str, list[list[int]]]:
+        for name, shapes in v.items():
+            if not shapes:
+                raise ValueError(f"input '{name}': give at least one shape")
+            for shape in shapes:
+                if any(d < 1 for d in shape):
+                    raise ValueError(f"input '{name}': shape {shape} must be concrete (every dimension >= 1)")
+        return v
 
 
 class AccuracySpec(_Strict):

@@ -44,6 +44,10 @@ CACHE = Counter("kiln_compile_cache", "Compile cache lookups (hit, miss, corrupt
 PARITY = Gauge("kiln_parity_max_abs_error", "Max abs error of the compiled model vs the source",
                ["model", "version", "output"], multiprocess_mode="livemax")
 
+PARITY_VERIFIED = Gauge("kiln_parity_verified", "1: the served build was compared with the source on golden "
+                        "inputs; 0: it serves unverified (see the model's parity parameter)",
+                        ["model", "version"], multiprocess_mode="livemax")
+
 for _result in ("hit", "miss", "corrupt"):
     CACHE.labels(_result)
 
@@ -213,7 +217,7 @@ def mark_process_dead() -> None:
 def forget_model(model: str, version: str) -> None:
     for key in [k for k in _children if k[:2] == (model, version)]:
         _children.pop(key).flush()
-    for metric in (MODEL_STATE, PARITY):
+    for metric in (MODEL_STATE, PARITY, PARITY_VERIFIED):
         for labels in list(metric._metrics):  # noqa: SLF001
             if labels[0] == model and labels[1] == version:
                 metric.remove(*labels)

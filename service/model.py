@@ -1,7 +1,8 @@
-"""One served model version: the startup pipeline (compile → verify → warm) and inference.
+"""One served model version: its state, the attempt it serves, inference, and its metadata.
 
 States: LOADING → COMPILING → VERIFYING → WARMING → READY, or FAILED with a reason. Each entry of
-the fallback chain is an attempt; every attempt and why it failed is kept for the metadata.
+the fallback chain is an attempt (service/pipeline.py) returning an immutable result; every result
+and why it failed is kept for the metadata, and the first that passes is served.
 """
 
 from __future__ import annotations
@@ -9,39 +10,27 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from backends import BackendUnavailable, CompileOptions, Runner, TensorInfo, get_backend
+from backends import Runner, TensorInfo, get_backend
 from backends.datatypes import V2_TO_TRITON
 from backends.reference import Reference
-from backends.signature import read_signature
+from backends.signature import read_facts, read_signature
 
 from . import metrics
 from .batcher import Batcher, BatchPolicy
-from .cache import CacheResult, CompileCache, compile_key
+from .cache import CompileCache
 from .config import ModelConfig, TensorSpec
 from .errors import InvalidInput, KilnError, Unavailable
+from .pipeline import AttemptResult, BuildContext, GateFailed, Pipeline, make_golden, resolve
+from .source import compilable
 from .stats import ExecutionStats
-from .verify import (ParityResult, compare, generate_inputs, load_npz_inputs, run_batched, tolerance,
-                     top1)
+from .verify import GoldenError, ParityResult
 
 log = logging.getLogger("kiln.model")
-
-PLATFORMS = {
-    "onnxruntime": "onnxruntime_onnx",
-    "openvino": "openvino",
-    "litert": "tflite",
-    "coreml": "coreml",
-    "tensorrt": "tensorrt_plan",
-}
-
-
-class GateFailed(Exception):
-    """An attempt that did not pass compile or a gate; the message is the reason users see."""
 
 
 class InferenceFailed(KilnError):
@@ -49,44 +38,16 @@ class InferenceFailed(KilnError):
     outcome = "server_error"
 
 
-@dataclass
-class Attempt:
-    backend: str
-    precision: str
-    status: str = "pending"  # ok | failed | unavailable
-    reason: str = ""
-    cache: str = ""
-    compile_seconds: float = 0.0
-    parity_max_abs_error: float | None = None
-    accuracy: float | None = None
-    # Backend findings (e.g. Core ML structural validation), parity tolerance rule, auto timings.
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-class _OutputNames:
-    """Maps a runner's output names onto the signature's by position when a converter renamed them."""
-
-    def __init__(self, runner: Runner, names: list[str]):
-        self.runner = runner
-        self.names = names
-
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = self.runner.infer(inputs)
-        if set(out) == set(self.names) or len(out) != len(self.names):
-            return out
-        return dict(zip(self.names, out.values()))
-
-    def close(self) -> None:
-        self.runner.close()
-
-
 def _to_info(specs: list[TensorSpec]) -> list[TensorInfo]:
     return [TensorInfo(s.name, s.datatype, tuple(s.shape)) for s in specs]
 
 
-def _resolve(path: str, model_dir: Path) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else (model_dir / p)
+def platform(backend: str) -> str:
+    """Triton's platform name for a backend (what tritonclient and perf_analyzer show)."""
+    try:
+        return get_backend(backend).platform or backend
+    except KeyError:
+        return backend
 
 
 class ModelVersion:
@@ -104,15 +65,13 @@ class ModelVersion:
         self.precision = config.precision
         self.inputs: list[TensorInfo] = _to_info(config.inputs) if config.inputs else []
         self.outputs: list[TensorInfo] = _to_info(config.outputs) if config.outputs else []
-        self.parity: ParityResult | None = None
-        self.accuracy: dict[str, Any] | None = None
-        self.attempts: list[Attempt] = []
-        self.cache_result: str = ""
-        self.artifact: Path | None = None
+        self.attempts: list[AttemptResult] = []
+        # The attempt being served (READY), or None.
+        self.chosen: AttemptResult | None = None
         self.labels: list[str] | None = None
         # backend: auto: the decision (candidates, timings, rejections, reused or measured).
         self.auto: dict[str, Any] | None = None
-        self._all_runners: list[Runner] = []
+        self.pipeline: Pipeline | None = None
         self._batcher: Batcher | None = None
         self.executions = ExecutionStats()  # model calls by batch size (statistics extension)
         self._set_state("LOADING")
@@ -127,12 +86,51 @@ class ModelVersion:
         else:
             log.info("model %s v%s %s (%s, %s)", self.name, self.version, state, self.backend, self.precision)
 
+    def _progress(self, state: str, backend: str, precision: str) -> None:
+        self.backend, self.precision = backend, precision
+        self._set_state(state)
+
     def fail(self, reason: str) -> None:
         self._set_state("FAILED", reason)
 
     @property
     def ready(self) -> bool:
         return self.state == "READY"
+
+    # What the served attempt found; while none is served, what the last attempt found (a FAILED
+    # model shows the parity that failed it).
+    @property
+    def shown(self) -> AttemptResult | None:
+        return self.chosen or (self.attempts[-1] if self.attempts else None)
+
+    @property
+    def parity(self) -> ParityResult | None:
+        return self.shown.parity if self.shown else None
+
+    @property
+    def parity_verdict(self) -> str:
+        return self.shown.parity_verdict if self.shown else ""
+
+    @property
+    def accuracy(self) -> dict[str, Any] | None:
+        return self.shown.accuracy if self.shown else None
+
+    @property
+    def artifact(self) -> Path | None:
+        return self.shown.artifact if self.shown else None
+
+    @property
+    def cache_result(self) -> str:
+        return self.shown.cache if self.shown else ""
+
+    @property
+    def runners(self) -> tuple[Runner, ...]:
+        return self.chosen.runners if self.chosen else ()
+
+    def golden_inputs(self) -> dict[str, np.ndarray] | None:
+        """The first golden set (what the gates and warm-up ran), or None when there is none."""
+        golden = self.pipeline.ctx.golden if self.pipeline else None
+        return golden.sets[0].inputs if golden and golden.sets else None
 
     # -- startup pipeline ----------------------------------------------------------------------
     def candidates(self) -> list[tuple[str, str]]:
@@ -146,26 +144,56 @@ class ModelVersion:
         seen: list[tuple[str, str]] = []
         return [c for c in out if not (c in seen or seen.append(c))]
 
+    def _artifact_owner(self) -> str | None:
+        """The backend that serves the artifact the folder holds, when the folder has no source and the
+        config does not name a backend: a folder with only a model.xml is served by OpenVINO."""
+        from backends import backend_names
+
+        if compilable(self.sources) or "backend" in self.config.model_fields_set:
+            return None
+        for name in backend_names():
+            try:
+                if any(f in self.sources for f in get_backend(name).artifact_formats):
+                    return name
+            except Exception:  # a backend module that cannot import owns nothing here
+                continue
+        return None
+
+    def _context(self) -> BuildContext:
+        if not self.sources:
+            raise GateFailed(f"no model source (model.onnx or model.pt2) or artifact (model.xml + model.bin, "
+                             f"model.tflite, model.plan, model.mlpackage) in version folder {self.version}")
+        src_in, src_out = read_signature(self.sources)
+        self.inputs = self.inputs or src_in
+        self.outputs = self.outputs or src_out
+        if self.config.labels:
+            self.labels = resolve(self.config.labels, self.model_dir).read_text().splitlines()
+        sources = compilable(self.sources)
+        reference = Reference(sources) if sources else None
+        ctx = BuildContext(self.name, self.version, self.model_dir, self.config, self.sources, self.cache,
+                           self.inputs, self.outputs, read_facts(sources), reference, None)
+        if reference is not None:
+            ctx.golden = make_golden(ctx)
+        return ctx
+
     def build(self) -> None:
         """Compile, verify and warm up; ends READY or FAILED (never raises)."""
+        self._close_runners()
+        self.attempts, self.chosen = [], None
         try:
-            if not self.sources:
-                raise GateFailed(f"no model source (model.onnx or model.pt2) in version folder {self.version}")
-            src_in, src_out = read_signature(self.sources)
-            self.inputs = self.inputs or src_in
-            self.outputs = self.outputs or src_out
-            if self.config.labels:
-                self.labels = _resolve(self.config.labels, self.model_dir).read_text().splitlines()
-            reference = Reference(self.sources)
-        except GateFailed as err:
+            self.pipeline = Pipeline(self._context(), self._progress)
+        except (GateFailed, GoldenError) as err:
             return self.fail(str(err))
         except Exception as err:  # a broken source must not take the server down
             return self.fail(f"cannot read model source: {type(err).__name__}: {err}")
+        owner = self._artifact_owner()
+        if owner is not None:
+            self.config = self.config.model_copy(update={"backend": owner})
         if self.config.backend == "auto":
             from .auto import build_auto
 
             try:
-                order = build_auto(self, reference)
+                order = build_auto(self)
             except Exception as err:  # never take the server down
                 log.exception("model %s v%s: auto selection failed", self.name, self.version)
                 return self.fail(f"backend auto: {type(err).__name__}: {err}")
@@ -174,170 +202,29 @@ class ModelVersion:
                     f"{c['backend']}/{c['precision']}: {c['reason']}" for c in (self.auto or {}).get("candidates", [])))
         else:
             order = self.candidates()
-        if self.serve_first(order, reference):
+        if self.serve_first(order):
             return
         reasons = "; ".join(f"{a.backend}/{a.precision}: {a.reason}" for a in self.attempts)
         self.fail(reasons if len(self.attempts) > 1 else self.attempts[0].reason)
 
-    def serve_first(self, order: list[tuple[str, str]], reference: Reference) -> bool:
+    def serve_first(self, order: list[tuple[str, str]]) -> bool:
         """Try each (backend, precision) in order; the first that passes every gate serves (READY)."""
         for backend, precision in order:
-            attempt = self.try_attempt(backend, precision, reference, serve=True)
+            attempt = self.pipeline.run(backend, precision, serve=True)
             self.attempts.append(attempt)
-            if attempt.status == "ok":
+            if attempt.ok:
+                self.chosen = attempt
+                self.backend, self.precision = backend, precision
+                try:
+                    self._start_inference(attempt)
+                except Exception as err:  # calibration runs the model: a failure is this attempt's
+                    self._close_runners()
+                    self.attempts[-1] = AttemptResult(backend, precision, "failed",
+                                                      f"batcher calibration failed: {type(err).__name__}: {err}")
+                    continue
                 self._set_state("READY")
                 return True
         return False
-
-    def try_attempt(self, backend: str, precision: str, reference: Reference, serve: bool) -> Attempt:
-        """One attempt; never raises. serve=False stops after the gates, its runner kept in _all_runners
-        (the caller times and closes it)."""
-        attempt = Attempt(backend, precision)
-        self.backend, self.precision = backend, precision
-        try:
-            self._attempt(attempt, reference, serve=serve)
-            attempt.status = "ok"
-            return attempt
-        except GateFailed as err:
-            attempt.status = attempt.status if attempt.status != "pending" else "failed"
-            attempt.reason = str(err)
-        except BackendUnavailable as err:
-            attempt.status, attempt.reason = "unavailable", str(err)
-        except Exception as err:
-            attempt.status, attempt.reason = "failed", f"{type(err).__name__}: {err}"
-        log.warning("model %s v%s: %s/%s %s: %s", self.name, self.version, backend, precision,
-                    attempt.status, attempt.reason)
-        self._close_runners()
-        return attempt
-
-    def compile_options(self, precision: str) -> CompileOptions:
-        calibration = None
-        if precision == "int8":
-            calibration = self.golden_inputs(limit=None)
-        return CompileOptions(
-            precision=precision,
-            max_batch_size=self.config.max_batch_size,
-            inputs=self.inputs,
-            outputs=self.outputs,
-            calibration=calibration,
-            extra=dict(self.config.backend_options),
-        )
-
-    def golden_inputs(self, limit: int | None) -> dict[str, np.ndarray]:
-        if self.config.verify.samples:
-            return load_npz_inputs(_resolve(self.config.verify.samples, self.model_dir), self.inputs, limit)
-        batch = min(self.config.max_batch_size or 4, 4)
-        return generate_inputs(self.inputs, batch=batch)
-
-    def _attempt(self, attempt: Attempt, reference: Reference, serve: bool = True) -> None:
-        try:
-            backend = get_backend(attempt.backend)
-        except KeyError as err:
-            raise GateFailed(str(err.args[0])) from None
-        ok, why = backend.available()
-        if not ok:
-            attempt.status = "unavailable"
-            raise GateFailed(f"{attempt.backend} unavailable: {why}")
-        fmt = next((f for f in backend.source_formats if f in self.sources), None)
-        if fmt is None:
-            raise GateFailed(f"{attempt.backend} compiles from {'/'.join(backend.source_formats)}; "
-                             f"version {self.version} has only {'/'.join(self.sources)}")
-        if attempt.precision not in backend.precisions:
-            raise GateFailed(f"{attempt.backend} does not build precision {attempt.precision} "
-                             f"(it builds {', '.join(backend.precisions)})")
-        if (attempt.precision in ("fp16", "int8") and not self.config.accuracy
-                and attempt.precision not in self.config.verify.precisions):
-            raise GateFailed(f"{attempt.precision} is lossy: it needs an accuracy gate (config accuracy.dataset) or "
-                             f"explicit parity tolerances (config verify.precisions.{attempt.precision})")
-        options = self.compile_options(attempt.precision)
-        source = self.sources[fmt]
-
-        self._set_state("COMPILING")
-        key = compile_key(source, backend.name, backend.version(), options.cache_fields(), options.calibration)
-        info = {"model": self.name, "version": self.version, "backend": backend.name,
-                "backend_version": backend.version(), "precision": attempt.precision, "source": source.name}
-        res: CacheResult = self.cache.get_or_build(key, lambda wd: backend.compile(source, options, wd), info)
-        metrics.CACHE.labels(res.result).inc()
-        attempt.cache, attempt.compile_seconds = res.result, round(res.seconds, 3)
-        self.cache_result, self.artifact = res.result, res.artifact
-        if res.result == "hit":
-            log.info("model %s v%s: compile cache hit %s (%s)", self.name, self.version, key[:12], res.artifact)
-        else:
-            metrics.COMPILE_SECONDS.labels(self.name, self.version, backend.name).observe(res.seconds)
-            log.info("model %s v%s: compiled with %s/%s in %.2fs (cache %s) -> %s", self.name, self.version,
-                     backend.name, attempt.precision, res.seconds, res.result, res.artifact)
-
-        if hasattr(backend, "describe"):
-            attempt.details.update(backend.describe(res.artifact))
-
-        self._set_state("VERIFYING")
-        names = [o.name for o in self.outputs]
-        try:
-            loaded = backend.load(res.artifact, options)
-        except BackendUnavailable as err:  # e.g. Core ML on Linux: compiled and validated, cannot predict
-            attempt.status = "unavailable"
-            raise GateFailed(str(err)) from None
-        runner = _OutputNames(loaded, names)
-        self._all_runners.append(runner)
-        golden = self.golden_inputs(self.config.verify.max_samples)
-        batch = self.config.max_batch_size
-        expected = dict(zip(names, run_batched(reference.infer, golden, batch).values()))
-        actual = run_batched(runner.infer, golden, batch)
-        samples = len(next(iter(golden.values())))
-        atol, rtol, rule = tolerance(self.config.verify, attempt.precision, expected)
-        attempt.details["parity_tolerance"] = {"atol": atol, "rtol": rtol, "rule": rule}
-        self.parity = compare(actual, expected, atol, rtol, samples)
-        attempt.parity_max_abs_error = max((o.max_abs_error for o in self.parity.outputs), default=0.0)
-        for out in self.parity.outputs:
-            metrics.PARITY.labels(self.name, self.version, out.output).set(out.max_abs_error)
-        if not self.parity.passed:
-            raise GateFailed(f"parity gate failed: {self.parity.reason}")
-        self.accuracy = None
-        if self.config.accuracy:
-            try:
-                self._accuracy_gate(runner, reference, names)
-            finally:
-                attempt.accuracy = self.accuracy["compiled"] if self.accuracy else None
-        elif attempt.precision != "fp32":
-            log.warning("model %s v%s: %s/%s is lossy and the config has no accuracy gate: only parity "
-                        "(verify.precisions.%s) checks it", self.name, self.version, backend.name, attempt.precision,
-                        attempt.precision)
-        self.cache.update_manifest(key, parity=self.parity.to_dict(), accuracy=self.accuracy)
-        if not serve:
-            return
-
-        self._set_state("WARMING")
-        one = {k: v[:1] for k, v in golden.items()} if batch > 0 else golden
-        for _ in range(3):
-            runner.infer(one)
-        def new_runner() -> _OutputNames:
-            return _OutputNames(backend.load(res.artifact, options), names)
-
-        for _ in range(self.config.instances - 1):
-            extra = new_runner()
-            extra.infer(one)
-            self._all_runners.append(extra)
-        self._start_inference(one, new_runner)
-
-    def _accuracy_gate(self, runner: Runner, reference: Reference, names: list[str]) -> None:
-        spec = self.config.accuracy
-        path = _resolve(spec.dataset, self.model_dir)
-        data = load_npz_inputs(path, self.inputs)
-        with np.load(path) as f:
-            if spec.label_key not in f:
-                raise GateFailed(f"accuracy dataset {path} has no '{spec.label_key}' array")
-            labels = f[spec.label_key]
-        batch = self.config.max_batch_size
-        ref = top1(next(iter(run_batched(reference.infer, data, batch).values())), labels)
-        got = top1(run_batched(runner.infer, data, batch)[names[0]], labels)
-        self.accuracy = {"metric": spec.metric, "reference": round(ref, 6), "compiled": round(got, 6),
-                         "drop": round(ref - got, 6), "max_drop": spec.max_drop, "samples": int(len(labels))}
-        log.info("model %s v%s: accuracy %.4f (reference %.4f)", self.name, self.version, got, ref)
-        if ref - got > spec.max_drop + 1e-9:
-            raise GateFailed(f"accuracy gate failed: top1 {got:.4f} vs reference {ref:.4f} "
-                             f"(drop {ref - got:.4f} > max_drop {spec.max_drop})")
-        if spec.min_accuracy is not None and got < spec.min_accuracy:
-            raise GateFailed(f"accuracy gate failed: top1 {got:.4f} < min_accuracy {spec.min_accuracy}")
 
     # -- inference -----------------------------------------------------------------------------
     def check_ready(self) -> None:
@@ -382,12 +269,15 @@ class ModelVersion:
         return BatchPolicy(self.config.max_batch_size, db.max_queue_delay_ms / 1000.0,
                            tuple(db.preferred_batch_sizes), db.max_queue_size)
 
-    def _start_inference(self, sample: dict[str, np.ndarray], new_runner=None) -> None:
+    def _start_inference(self, attempt: AttemptResult) -> None:
         """One runner thread per instance behind the dynamic batcher; seed its cost curve.
-        `new_runner` rebuilds a runner that keeps failing (a crashed session, a poisoned state)."""
-        self._batcher = Batcher(self.name, self.version, list(self._all_runners), self.batch_policy(),
-                                rebuild=new_runner, on_batch=self.executions.record)
-        self._batcher.calibrate(sample)
+        The attempt's `new_runner` rebuilds a runner that keeps failing (a crashed session)."""
+        self._batcher = Batcher(self.name, self.version, list(attempt.runners), self.batch_policy(),
+                                rebuild=attempt.new_runner, on_batch=self.executions.record)
+        sample = self.pipeline.ctx.golden.warm_sample(self.config.max_batch_size > 0) \
+            if self.pipeline.ctx.golden else None
+        if sample is not None:
+            self._batcher.calibrate(sample)
 
     def staging(self, nbytes: int) -> np.ndarray | None:
         """Batcher memory to receive an input tensor into (Batcher.staging), or None."""
@@ -402,7 +292,7 @@ class ModelVersion:
         return batcher.enqueue(inputs)
 
     def _close_runners(self) -> None:
-        runners = list(self._all_runners)
+        runners = list(self.runners)
         if self._batcher is not None:
             # The batcher may have swapped in fresh runners for failing ones: close those too.
             runners += [w.runner for w in self._batcher.workers if w.runner not in runners]
@@ -413,7 +303,8 @@ class ModelVersion:
                 r.close()
             except Exception:  # closing must not fail an unload
                 log.exception("closing a runner of %s failed", self.name)
-        self._all_runners = []
+        if self.chosen is not None:
+            self.chosen = None
 
     def close(self) -> None:
         self._close_runners()
@@ -430,6 +321,8 @@ class ModelVersion:
             p["reason"] = self.reason
         if self.cache_result:
             p["cache"] = self.cache_result
+        if self.parity_verdict:
+            p["parity"] = self.parity_verdict
         if self.parity:
             p["parity_passed"] = self.parity.passed
             p["parity_max_abs_error"] = max((o.max_abs_error for o in self.parity.outputs), default=0.0)
@@ -438,7 +331,7 @@ class ModelVersion:
             p["accuracy"] = self.accuracy["compiled"]
             p["accuracy_reference"] = self.accuracy["reference"]
         if self.attempts:
-            p["attempts"] = json.dumps([vars(a) for a in self.attempts], default=str)
+            p["attempts"] = json.dumps([a.to_dict() for a in self.attempts], default=str)
         if self.auto:
             p["auto"] = json.dumps(self.auto, default=str)
         return p
@@ -447,7 +340,7 @@ class ModelVersion:
         return {
             "name": self.name,
             "versions": versions,
-            "platform": PLATFORMS.get(self.backend, self.backend),
+            "platform": platform(self.backend),
             "inputs": [self._tensor(t) for t in self.inputs],
             "outputs": [self._tensor(t) for t in self.outputs],
             "parameters": self.parameters(),
@@ -463,7 +356,7 @@ class ModelVersion:
 
         cfg: dict[str, Any] = {
             "name": self.name,
-            "platform": PLATFORMS.get(self.backend, self.backend),
+            "platform": platform(self.backend),
             "backend": self.backend,
             "max_batch_size": self.config.max_batch_size,
             "input": tensors(self.inputs),
@@ -479,8 +372,9 @@ class ModelVersion:
                 "cache": self.cache_result,
                 "artifact": str(self.artifact) if self.artifact else None,
                 "parity": self.parity.to_dict() if self.parity else None,
+                "parity_verdict": self.parity_verdict or None,
                 "accuracy": self.accuracy,
-                "attempts": [vars(a) for a in self.attempts],
+                "attempts": [a.to_dict() for a in self.attempts],
                 "auto": self.auto,
             },
         }
