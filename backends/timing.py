@@ -27,7 +27,10 @@ class Timing:
 
 
 def batch_of(inputs: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
-    """`batch` rows of every input, cycling through the rows there are."""
+    """`batch` rows of every input, cycling through the rows there are; batch 0: the inputs as they
+    are (a model without a batch dimension: scalars, a state whose batch is not dim 0)."""
+    if batch <= 0:
+        return inputs
     rows = len(next(iter(inputs.values())))
     idx = np.arange(batch) % rows
     return {k: np.ascontiguousarray(v[idx]) for k, v in inputs.items()}

@@ -328,3 +328,26 @@ class TensorRTBackend(BackendBase):
         if not ok:
             raise BackendUnavailable(why)
         return TensorRTRunner(Path(artifact).read_bytes(), max(options.max_batch_size, 1))
+
+
+def engine_signature(path: Path) -> tuple[list, list]:
+    """Inputs and outputs of a serialized engine (a `model.plan` a user brought): needs the runtime
+    and a GPU, like serving it does."""
+    from .base import TensorInfo
+    from .datatypes import v2_datatype
+
+    ok, why = TensorRTBackend().available()
+    if not ok:
+        raise BackendUnavailable(f"cannot read {Path(path).name}: {why}")
+    trt = _import_trt()
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+    if engine is None:
+        raise RuntimeError(f"TensorRT could not deserialize {Path(path).name} (built for another GPU or TensorRT?)")
+    ins, outs = [], []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        info = TensorInfo(name, v2_datatype(np.dtype(trt.nptype(engine.get_tensor_dtype(name)))),
+                          tuple(int(d) for d in engine.get_tensor_shape(name)))
+        (ins if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outs).append(info)
+    return ins, outs

@@ -99,7 +99,8 @@ def _write_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def time_runner(runner, inputs: dict[str, np.ndarray], batch_sizes: list[int], runs: int,
                 warmup: int) -> dict[str, float]:
-    """Median ms per batch size, keyed by the size as a string (the decision file's format)."""
+    """Median ms per batch size, keyed by the size as a string (the decision file's format); size 0
+    times the golden inputs as they are (a model that does not batch)."""
     return {str(b): round(timing.time_runner(runner, inputs, b, runs, warmup).median_ms, 5) for b in batch_sizes}
 
 
@@ -111,6 +112,8 @@ def score(latency_ms: dict[str, float]) -> float:
 def batch_sizes(mv: ModelVersion) -> list[int]:
     if mv.config.auto.batch_sizes:
         return [b for b in mv.config.auto.batch_sizes if mv.config.max_batch_size <= 0 or b <= mv.config.max_batch_size]
+    if mv.config.max_batch_size <= 0:
+        return [0]  # no batch dimension to vary: the golden inputs as they are
     return [1, mv.config.max_batch_size] if mv.config.max_batch_size > 1 else [1]
 
 

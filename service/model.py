@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from backends import Runner, TensorInfo, get_backend
+from backends import BackendUnavailable, Runner, TensorInfo, get_backend
 from backends.datatypes import V2_TO_TRITON
 from backends.reference import Reference
 from backends.signature import read_facts, read_signature
@@ -182,7 +182,7 @@ class ModelVersion:
         self.attempts, self.chosen = [], None
         try:
             self.pipeline = Pipeline(self._context(), self._progress)
-        except (GateFailed, GoldenError) as err:
+        except (GateFailed, GoldenError, BackendUnavailable) as err:
             return self.fail(str(err))
         except Exception as err:  # a broken source must not take the server down
             return self.fail(f"cannot read model source: {type(err).__name__}: {err}")
