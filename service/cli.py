@@ -266,6 +266,8 @@ def _compile_all(repo, model_dir: Path, runs: int, only_precision: str | None) -
 
 def _print_result(mv, runs: int) -> bool:
     table = Table(title=f"{mv.name} v{mv.version}", show_header=False)
+    table.add_column("what")
+    table.add_column("value", overflow="fold")  # paths are folded, never cut short with "…"
     table.add_row("state", f"[green]{mv.state}[/green]" if mv.ready else f"[red]{mv.state}[/red]")
     if mv.reason:
         table.add_row("reason", mv.reason)
@@ -283,6 +285,8 @@ def _print_result(mv, runs: int) -> bool:
             table.add_row(f"attempt {a.backend}/{a.precision}", f"{a.status} {a.reason}".strip())
     if mv.artifact:
         table.add_row("artifact", f"{mv.artifact} (cache {mv.cache_result})")
+    if mv.parity_verdict and mv.parity_verdict != "verified":
+        table.add_row("parity", mv.parity_verdict)
     if mv.parity:
         for o in mv.parity.outputs:
             table.add_row(f"parity {o.output}", f"max abs {o.max_abs_error:.3g}, max rel {o.max_rel_error:.3g} "

@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import yaml
 
+from tests import machine
 from tests.kiln_server import start_server
 from tests.test_backends_serve import COMMON, DIGITS, infer_all
 
@@ -44,11 +45,18 @@ def test_auto_picks_fastest_and_restart_reuses_decision(tmp_path):
     rows = {(c["backend"], c["precision"]): c for c in auto["candidates"]}
     assert set(rows) == {("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("openvino", "fp32"),
                          ("litert", "fp32"), ("coreml", "fp32"), ("tensorrt", "fp32")}
-    # Rejected without being served, each with its reason.
-    assert rows[("coreml", "fp32")]["status"] == "unavailable"
-    assert "Core ML prediction needs macOS" in rows[("coreml", "fp32")]["reason"]
-    assert rows[("tensorrt", "fp32")]["status"] == "unavailable"
-    assert "TensorRT runtime not installed" in rows[("tensorrt", "fp32")]["reason"]
+    # Where the machine cannot run them: rejected without being served, each with its reason.
+    if machine.coreml_predicts()[0]:
+        assert rows[("coreml", "fp32")]["status"] == "ok", rows[("coreml", "fp32")]
+    else:
+        assert rows[("coreml", "fp32")]["status"] == "unavailable"
+        assert "Core ML prediction needs macOS" in rows[("coreml", "fp32")]["reason"]
+    trt_ok, trt_why = machine.tensorrt()
+    if trt_ok:
+        assert rows[("tensorrt", "fp32")]["status"] == "ok", rows[("tensorrt", "fp32")]
+    else:
+        assert rows[("tensorrt", "fp32")]["status"] == "unavailable"
+        assert trt_why in rows[("tensorrt", "fp32")]["reason"] and machine.tensorrt_missing(trt_why)
     timed = [c for c in auto["candidates"] if c["status"] == "ok"]
     assert len(timed) >= 3
     for c in timed:

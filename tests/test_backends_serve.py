@@ -1,6 +1,7 @@
 """Every backend through the real server: ONNX Runtime, OpenVINO and LiteRT serve the digits model with the
 source's predictions; INT8 (ONNX Runtime, OpenVINO) passes the accuracy gate or falls back; Core ML
-compiles and validates but reports "needs macOS"; TensorRT reports its missing runtime and falls back.
+compiles and validates everywhere and serves on macOS (elsewhere it reports "needs macOS"); TensorRT
+serves fp16 where it has a GPU and its runtime, and elsewhere reports what is missing and falls back.
 
 One server, one temporary repository whose configs point `source:` at the default model's folder.
 """
@@ -17,6 +18,7 @@ import pytest
 import tritonclient.http as httpclient
 import yaml
 
+from tests import machine
 from tests.kiln_server import DEFAULT_REPO, start_server
 
 DIGITS = DEFAULT_REPO / "digits-cnn"
@@ -127,15 +129,23 @@ def test_int8_passes_accuracy_gate_or_falls_back(srv, source_predictions, model,
     assert p["precision"] == "int8", f"{model}: int8 fell back: {attempts[0]['reason']}"
 
 
-def test_coreml_compiles_and_validates_but_needs_macos(srv):
+def test_coreml_compiles_and_validates_and_serves_on_macos(srv, source_predictions):
     ready = httpx.get(f"{srv.url}/v2/models/d-coreml/ready")
-    assert ready.status_code == 503
-    assert "Core ML prediction needs macOS" in ready.json()["error"]
-    assert "Traceback" not in ready.text
     p = params(srv, "d-coreml")
-    assert p["state"] == "FAILED" and "Core ML prediction needs macOS" in p["reason"]
     (attempt,) = json.loads(p["attempts"])
-    assert attempt["status"] == "unavailable" and attempt["cache"] == "miss"
+    predicts, _ = machine.coreml_predicts()
+    if predicts:
+        assert ready.status_code == 200 and p["state"] == "READY" and p["parity"] == "verified", p
+        assert attempt["status"] == "ok"
+        x, _, ref = source_predictions
+        np.testing.assert_array_equal(infer_all(srv, "d-coreml", x[:64], 32).argmax(1), ref[:64].argmax(1))
+    else:
+        assert ready.status_code == 503
+        assert "Core ML prediction needs macOS" in ready.json()["error"]
+        assert "Traceback" not in ready.text
+        assert p["state"] == "FAILED" and "Core ML prediction needs macOS" in p["reason"]
+        assert attempt["status"] == "unavailable"
+    assert attempt["cache"] == "miss"
     v = attempt["details"]["coreml_validation"]
     assert v["passed"] is True
     assert [i["name"] for i in v["inputs"]] == ["input"] and v["inputs"][0]["shape"] == [-1, 1, 8, 8]
@@ -146,17 +156,19 @@ def test_coreml_compiles_and_validates_but_needs_macos(srv):
     assert httpx.get(f"{srv.url}/v2/health/ready").status_code == 200
 
 
-def test_tensorrt_reports_missing_runtime_and_falls_back(srv, source_predictions):
-    from backends import get_backend
-
-    ok, why = get_backend("tensorrt").available()
-    assert not ok
-    assert "TensorRT runtime not installed" in why or "no NVIDIA GPU" in why
+def test_tensorrt_serves_fp16_or_reports_what_is_missing_and_falls_back(srv, source_predictions):
+    ok, why = machine.tensorrt()
     p = params(srv, "d-trt")
     attempts = json.loads(p["attempts"])
-    assert attempts[0]["backend"] == "tensorrt" and attempts[0]["status"] == "unavailable"
-    assert why in attempts[0]["reason"]
-    assert (p["state"], p["backend"], p["precision"]) == ("READY", "onnxruntime", "fp32")
+    assert attempts[0]["backend"] == "tensorrt"
+    if ok:
+        assert attempts[0]["status"] == "ok", attempts[0]
+        assert (p["state"], p["backend"], p["precision"]) == ("READY", "tensorrt", "fp16")
+    else:
+        assert machine.tensorrt_missing(why), why
+        assert attempts[0]["status"] == "unavailable"
+        assert why in attempts[0]["reason"]
+        assert (p["state"], p["backend"], p["precision"]) == ("READY", "onnxruntime", "fp32")
     x, _, ref = source_predictions
     np.testing.assert_array_equal(infer_all(srv, "d-trt", x[:64], 32).argmax(1), ref[:64].argmax(1))
 

@@ -233,10 +233,7 @@ def test_batches_follow_staging_memory(model_path, case):
 
 def test_mixed_shapes_are_never_merged(tmp_path):
     """Requests whose non-batch dims differ go to different batches (a model with a variable dim)."""
-    graph = helper.make_graph([helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)], "sum",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
-    # ReduceSum over all axes is not per-row; use an axes input to keep the batch dim.
+    # Row sums: the batch dim stays, the variable dim n is summed away.
     axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
     graph = helper.make_graph([helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=0)], "sum",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n"])],
