@@ -16,6 +16,9 @@ REGISTRY: dict[str, str] = {
     "tensorrt": "backends.trt:TensorRTBackend",
 }
 
+# What a config without `backend:` builds with: it runs every ONNX model, and is the reference.
+DEFAULT_BACKEND = "onnxruntime"
+
 _instances: dict[str, Backend] = {}
 
 
@@ -38,6 +41,7 @@ __all__ = [
     "BackendUnavailable",
     "CompileFailed",
     "CompileOptions",
+    "DEFAULT_BACKEND",
     "Runner",
     "TensorInfo",
     "backend_names",

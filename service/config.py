@@ -9,6 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from backends import DEFAULT_BACKEND
 from backends.datatypes import V2_TO_NUMPY
 from .errors import ConfigError
 
@@ -172,7 +173,7 @@ class VersionPolicy(_Strict):
 
 class ModelConfig(_Strict):
     name: str | None = None
-    backend: str = "onnxruntime"
+    backend: str = DEFAULT_BACKEND
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     # Tried in order when compile or a gate fails: "openvino", "fp16", or "openvino:int8".
     fallback: list[str] = Field(default_factory=list)

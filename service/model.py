@@ -24,18 +24,13 @@ from . import metrics
 from .batcher import Batcher, BatchPolicy
 from .cache import CompileCache
 from .config import ModelConfig, TensorSpec
-from .errors import InvalidInput, KilnError, Unavailable
+from .errors import InvalidInput, Unavailable
 from .pipeline import AttemptResult, BuildContext, GateFailed, Pipeline, make_golden, resolve
 from .source import compilable
 from .stats import ExecutionStats
 from .verify import GoldenError, ParityResult
 
 log = logging.getLogger("kiln.model")
-
-
-class InferenceFailed(KilnError):
-    status = 500
-    outcome = "server_error"
 
 
 def _to_info(specs: list[TensorSpec]) -> list[TensorInfo]:

@@ -203,13 +203,6 @@ def fill_inputs(inputs: list[TensorInfo], shapes: dict[str, tuple[int, ...]], fa
     return out
 
 
-def generate_inputs(inputs: list[TensorInfo], batch: int = 4, seed: int = 0,
-                    facts: SourceFacts | None = None) -> dict[str, np.ndarray]:
-    """The most realistic inferred candidate (not checked against any model)."""
-    facts = facts or SourceFacts()
-    return fill_inputs(inputs, _candidate_shapes(inputs, facts, batch, {})[0], facts, {}, seed)
-
-
 def _check_hints(spec, inputs: list[TensorInfo], where: str) -> None:
     by_name = {t.name: t for t in inputs}
     for field_name in ("shapes", "values"):
