@@ -117,9 +117,9 @@ def batch_sizes(mv: ModelVersion) -> list[int]:
     return [1, mv.config.max_batch_size] if mv.config.max_batch_size > 1 else [1]
 
 
-def build_auto(mv: ModelVersion) -> list[tuple[str, str]]:
+def build_auto(mv: ModelVersion) -> tuple[list[tuple[str, str]], dict[str, Any]]:
     """Measure (or reuse the cached decision) and return the serving order: the winner first, then the
-    other passing candidates by score as fallbacks. Sets mv.auto."""
+    other passing candidates by score as fallbacks, and the decision (candidates, timings, choice)."""
     cands = candidates(mv)
     key = decision_key(mv, cands)
     path = _decision_path(mv, key)
@@ -131,11 +131,10 @@ def build_auto(mv: ModelVersion) -> list[tuple[str, str]]:
         decision = None
     if decision is not None:
         decision["reused"] = True
-        mv.auto = decision
         log.info("model %s v%s: auto: reused cached decision %s (measured %s): %s/%s, score %.4f ms; "
                  "not re-measuring", mv.name, mv.version, key[:12], decision.get("measured_at"),
                  decision["choice"]["backend"], decision["choice"]["precision"], decision["choice"]["score_ms"])
-        return [tuple(c) for c in decision["order"]]
+        return [tuple(c) for c in decision["order"]], decision
 
     sizes = batch_sizes(mv)
     log.info("model %s v%s: auto: measuring %d candidate(s) at batch sizes %s: %s", mv.name, mv.version,
@@ -169,13 +168,12 @@ def build_auto(mv: ModelVersion) -> list[tuple[str, str]]:
         "choice": passed[0] if passed else None,
         "reused": False,
     }
-    mv.auto = decision
     if not passed:
-        return []
+        return [], decision
     _write_atomic(path, decision)
     log.info("model %s v%s: auto: chose %s/%s (score %.4f ms); decision cached in %s", mv.name, mv.version,
              passed[0]["backend"], passed[0]["precision"], passed[0]["score_ms"], path)
-    return [(r["backend"], r["precision"]) for r in passed]
+    return [(r["backend"], r["precision"]) for r in passed], decision
 
 
 def _measure(mv: ModelVersion, row: dict[str, Any], golden: dict[str, np.ndarray] | None,

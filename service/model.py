@@ -188,7 +188,7 @@ class ModelVersion:
             from .auto import build_auto
 
             try:
-                order = build_auto(self)
+                order, self.auto = build_auto(self)
             except Exception as err:  # never take the server down
                 log.exception("model %s v%s: auto selection failed", self.name, self.version)
                 return self.fail(f"backend auto: {type(err).__name__}: {err}")

@@ -357,3 +357,36 @@ def test_hints_naming_a_missing_input_or_the_wrong_rank_fail_with_file_and_field
         if field:
             assert f"{tmp_path / 'config.yaml'}: field '{field}'" in mv.reason
         mv.close()
+
+
+# -- what the source says ---------------------------------------------------------------------------
+
+def test_source_facts_name_dims_vocabulary_metadata_and_subgraph_ops(tmp_path):
+    from backends.signature import read_facts
+
+    token = read_facts({"onnx": models.token_model(tmp_path / "t.onnx")})
+    assert token.dim_names == {"ids": ("batch", "sequence")}
+    assert token.upper_bounds == {"ids": models.VOCAB}  # through the Cast to int32
+    audio = read_facts({"onnx": models.windowed_audio(tmp_path / "a.onnx")})
+    assert audio.dim_names["state"] == (None, "batch", None) and audio.dim_names["sr"] == ()
+    flow = read_facts({"onnx": models.control_flow(tmp_path / "c.onnx")})
+    assert {"Loop", "If", "MatMul", "Relu", "Neg"} <= flow.op_types  # body and branch ops too
+    cnn = read_facts({"onnx": models.pooling_cnn(tmp_path / "m.onnx", metadata={"input_shape": "3,48,320"})})
+    assert cnn.metadata == {"input_shape": "3,48,320"}
+
+
+def test_image_size_from_metadata_is_tried_first(tmp_path):
+    from service.cache import CompileCache
+    from service.config import parse_config
+    from service.model import ModelVersion
+    from service.source import find_sources
+
+    models.pooling_cnn(tmp_path / "1" / "model.onnx", metadata={"input_shape": "3,48,320"})
+    mv = ModelVersion("m", "1", tmp_path, parse_config({}, tmp_path / "config.yaml"), find_sources(tmp_path / "1"),
+                      CompileCache(tmp_path / "cache"))
+    mv.build()
+    try:
+        assert mv.state == "READY" and mv.parity_verdict == "verified", mv.reason
+        assert mv.parity.inputs == ["x[4, 3, 48, 320]"]
+    finally:
+        mv.close()
