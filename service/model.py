@@ -28,7 +28,7 @@ from .errors import InvalidInput, Unavailable
 from .pipeline import AttemptResult, BuildContext, GateFailed, Pipeline, make_golden, resolve
 from .source import compilable
 from .stats import ExecutionStats
-from .verify import GoldenError, ParityResult
+from .verify import Golden, GoldenError, ParityResult
 
 log = logging.getLogger("kiln.model")
 
@@ -164,11 +164,19 @@ class ModelVersion:
         if self.config.labels:
             self.labels = resolve(self.config.labels, self.model_dir).read_text().splitlines()
         sources = compilable(self.sources)
-        reference = Reference(sources) if sources else None
+        reference, why = None, ""
+        if sources:
+            try:
+                reference = Reference(sources)
+            except Exception as err:  # e.g. an op ONNX Runtime lacks: another backend may still serve it
+                why = f"the reference cannot load the source: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
+                log.warning("model %s v%s: %s", self.name, self.version, why)
         ctx = BuildContext(self.name, self.version, self.model_dir, self.config, self.sources, self.cache,
                            self.inputs, self.outputs, read_facts(sources), reference, None)
         if reference is not None:
             ctx.golden = make_golden(ctx)
+        elif why:
+            ctx.golden = Golden((), (), why)
         return ctx
 
     def build(self) -> None:

@@ -301,7 +301,7 @@ class Pipeline:
         """(parity result or None, verdict, the golden sets used). Raises GateFailed."""
         ctx = self.ctx
         spec = ctx.config.verify
-        if ctx.reference is None:
+        if ctx.golden is None:
             # An artifact with no source beside it: nothing to compare with. Find inputs it runs, for
             # the warm-up and to say what was checked.
             golden = resolve_golden(ctx.inputs, ctx.facts, spec, ctx.batch, runner.infer, ctx.where,
@@ -313,7 +313,8 @@ class Pipeline:
             return None, verdict, golden
         golden = ctx.golden
         if not golden.verified:
-            is_reference = artifact_fmt is None and backend.is_reference(source_fmt, options)
+            is_reference = (ctx.reference is not None and artifact_fmt is None
+                            and backend.is_reference(source_fmt, options))
             verdict = f"unverified ({golden.unverified}; {UNVERIFIED_HINT})"
             if not (is_reference or not spec.required):
                 raise GateFailed(f"parity unverified: {golden.unverified}; {UNVERIFIED_HINT} "

@@ -158,3 +158,16 @@ def unsupported_op(path: Path) -> Path:
         [h.make_tensor_value_info("m", T.FLOAT, ["batch", 3, 3])],
         [h.make_tensor_value_info("d", T.FLOAT, ["batch"])])
     return _save(graph, path)
+
+
+def openvino_only_op(path: Path) -> Path:
+    """org.openvinotoolkit.Swish: OpenVINO's ONNX frontend has it, ONNX Runtime (the reference) does not."""
+    graph = h.make_graph(
+        [h.make_node("Swish", ["x"], ["y"], domain="org.openvinotoolkit")], "swish",
+        [h.make_tensor_value_info("x", T.FLOAT, ["batch", 4])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["batch", 4])])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18), h.make_opsetid("org.openvinotoolkit", 1)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path

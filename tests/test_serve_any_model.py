@@ -390,3 +390,31 @@ def test_image_size_from_metadata_is_tried_first(tmp_path):
         assert mv.parity.inputs == ["x[4, 3, 48, 320]"]
     finally:
         mv.close()
+
+
+def test_a_source_the_reference_cannot_load_is_unverified_not_unreadable(tmp_path):
+    """ONNX Runtime cannot load an OpenVINO-only op: the model is not 'unreadable'; OpenVINO serves it
+    when the config accepts an unverified build, and says why it will not otherwise."""
+    from service.cache import CompileCache
+    from service.config import parse_config
+    from service.model import ModelVersion
+    from service.source import find_sources
+
+    models.openvino_only_op(tmp_path / "1" / "model.onnx")
+    verdicts = {}
+    for backend, verify in [("openvino", {}), ("openvino", {"required": False}), ("onnxruntime", {})]:
+        cfg = parse_config({"backend": backend, "verify": verify}, tmp_path / "config.yaml")
+        mv = ModelVersion("m", "1", tmp_path, cfg, find_sources(tmp_path / "1"), CompileCache(tmp_path / "cache"))
+        mv.build()
+        verdicts[(backend, bool(verify))] = (mv.state, mv.reason, mv.parity_verdict)
+        if mv.ready:
+            x = np.ones((2, 4), np.float32)
+            got = mv.runners[0].infer({"x": x})["y"]
+            np.testing.assert_allclose(got, x / (1 + np.exp(-x)), rtol=1e-5)
+        mv.close()
+    state, reason, _ = verdicts[("openvino", False)]
+    assert state == "FAILED" and "parity unverified: the reference cannot load the source" in reason, reason
+    state, _, verdict = verdicts[("openvino", True)]
+    assert state == "READY" and verdict.startswith("unverified (the reference cannot load the source"), verdict
+    state, reason, _ = verdicts[("onnxruntime", False)]
+    assert state == "FAILED" and "Swish" in reason, reason
