@@ -139,7 +139,8 @@ def build_auto(mv: ModelVersion) -> tuple[list[tuple[str, str]], dict[str, Any]]
     sizes = batch_sizes(mv)
     log.info("model %s v%s: auto: measuring %d candidate(s) at batch sizes %s: %s", mv.name, mv.version,
              len(cands), sizes, ", ".join(f"{b}/{p}" for b, p in cands))
-    golden = mv.golden_inputs()
+    shared = mv.pipeline.ctx.golden  # the reference-checked golden sets every candidate is gated on
+    golden = shared.sets[0].inputs if shared is not None and shared.sets else None
     results: list[dict[str, Any]] = []
     for name, precision in cands:
         row: dict[str, Any] = {"backend": name, "precision": precision}

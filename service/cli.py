@@ -180,11 +180,16 @@ def compile(
 
 
 def _latency_ms(mv, batch: int, runs: int) -> float | None:
-    """In-process p50 of the model's first runner (the same timing `backend: auto` uses)."""
+    """In-process p50 of the model's first runner (the same timing `backend: auto` uses). A model
+    without a batch dimension is timed on its golden inputs as they are, in the batch-1 slot."""
     from .auto import time_runner
 
     if mv.state != "READY" or (mv.config.max_batch_size and batch > mv.config.max_batch_size):
         return None
+    if mv.config.max_batch_size <= 0:
+        if batch != 1:
+            return None
+        batch = 0
     golden = mv.golden_inputs()
     if golden is None or not mv.runners:
         return None
@@ -292,12 +297,15 @@ def _print_result(mv, runs: int) -> bool:
             table.add_row(f"parity {o.output}", f"max abs {o.max_abs_error:.3g}, max rel {o.max_rel_error:.3g} "
                           f"({'pass' if o.passed else 'FAIL'}, atol {mv.parity.atol:g}, rtol {mv.parity.rtol:g}, "
                           f"{mv.parity.samples} samples)")
+        if mv.parity.inputs:
+            table.add_row("parity inputs", "; ".join(mv.parity.inputs))
     if mv.accuracy:
         table.add_row("accuracy", f"{mv.accuracy['compiled']:.4f} (reference {mv.accuracy['reference']:.4f})")
     for batch in (1, 32):
         ms = _latency_ms(mv, batch, runs)
         if ms is not None:
-            table.add_row(f"p50 latency, batch {batch}", f"{ms:.3f} ms (in-process, {runs} calls)")
+            what = f"batch {batch}" if mv.config.max_batch_size > 0 else "golden inputs"
+            table.add_row(f"p50 latency, {what}", f"{ms:.3f} ms (in-process, {runs} calls)")
     console.print(table)
     return mv.state != "READY"
 

@@ -124,7 +124,7 @@ class ModelVersion:
 
     def golden_inputs(self) -> dict[str, np.ndarray] | None:
         """The first golden set (what the gates and warm-up ran), or None when there is none."""
-        golden = self.pipeline.ctx.golden if self.pipeline else None
+        golden = self.chosen.golden if self.chosen else None
         return golden.sets[0].inputs if golden and golden.sets else None
 
     # -- startup pipeline ----------------------------------------------------------------------
@@ -277,8 +277,7 @@ class ModelVersion:
         The attempt's `new_runner` rebuilds a runner that keeps failing (a crashed session)."""
         self._batcher = Batcher(self.name, self.version, list(attempt.runners), self.batch_policy(),
                                 rebuild=attempt.new_runner, on_batch=self.executions.record)
-        sample = self.pipeline.ctx.golden.warm_sample(self.config.max_batch_size > 0) \
-            if self.pipeline.ctx.golden else None
+        sample = attempt.golden.warm_sample(self.config.max_batch_size > 0) if attempt.golden else None
         if sample is not None:
             self._batcher.calibrate(sample)
 

@@ -51,6 +51,8 @@ class AttemptResult:
     accuracy: dict[str, Any] | None = None
     # Backend findings (e.g. Core ML structural validation), the parity tolerance rule.
     details: dict[str, Any] = field(default_factory=dict)
+    # The golden inputs the gates and the warm-up ran (ok attempts only).
+    golden: Golden | None = field(default=None, repr=False, compare=False)
     # Loaded runners (ok attempts only): one per instance, and how to build a fresh one.
     runners: tuple[Runner, ...] = field(default=(), repr=False, compare=False)
     new_runner: Callable[[], Runner] | None = field(default=None, repr=False, compare=False)
@@ -276,7 +278,7 @@ class Pipeline:
             ctx.cache.update_manifest(key, parity=parity.to_dict() if parity else None, accuracy=accuracy)
         done = dict(backend=name, precision=precision, status="ok", cache=facts.get("cache", ""),
                     compile_seconds=facts.get("compile_seconds", 0.0), artifact=artifact, parity=parity,
-                    parity_verdict=verdict, accuracy=accuracy, details=facts["details"])
+                    parity_verdict=verdict, accuracy=accuracy, details=facts["details"], golden=golden)
         if not serve:
             return AttemptResult(**done, runners=(runner,))
 
