@@ -276,9 +276,9 @@ class Pipeline:
                         "(verify.precisions.%s) checks it", ctx.name, ctx.version, name, precision, precision)
         if key is not None:
             ctx.cache.update_manifest(key, parity=parity.to_dict() if parity else None, accuracy=accuracy)
-        done = dict(backend=name, precision=precision, status="ok", cache=facts.get("cache", ""),
-                    compile_seconds=facts.get("compile_seconds", 0.0), artifact=artifact, parity=parity,
-                    parity_verdict=verdict, accuracy=accuracy, details=facts["details"], golden=golden)
+        done = {"backend": name, "precision": precision, "status": "ok", "cache": facts.get("cache", ""),
+                "compile_seconds": facts.get("compile_seconds", 0.0), "artifact": artifact, "parity": parity,
+                "parity_verdict": verdict, "accuracy": accuracy, "details": facts["details"], "golden": golden}
         if not serve:
             return AttemptResult(**done, runners=(runner,))
 
@@ -365,7 +365,7 @@ class Pipeline:
             ref = top1(next(iter(run_batched(ctx.reference.infer, data, batch).values())), labels)
         accuracy = {"metric": spec.metric, "reference": round(ref, 6) if ref is not None else None,
                     "compiled": round(got, 6), "drop": round(ref - got, 6) if ref is not None else None,
-                    "max_drop": spec.max_drop, "samples": int(len(labels))}
+                    "max_drop": spec.max_drop, "samples": len(labels)}
         facts["accuracy"] = accuracy
         log.info("model %s v%s: accuracy %.4f (reference %s)", ctx.name, ctx.version, got,
                  f"{ref:.4f}" if ref is not None else "none: no source")

@@ -80,7 +80,7 @@ def windowed_audio(path: Path) -> Path:
         h.make_node("Sigmoid", ["z"], ["prob"]),
         h.make_node("Tanh", ["state"], ["state_out"]),
     ]
-    i64 = lambda name, v: _init(name, np.array(v, np.int64))  # noqa: E731
+    i64 = lambda name, v: _init(name, np.array(v, np.int64))
     graph = h.make_graph(
         nodes, "windowed_audio",
         [h.make_tensor_value_info("input", T.FLOAT, ["batch", "samples"]),

@@ -326,8 +326,7 @@ def test_coreml_package_is_served_on_macos_else_says_why(srv):
 
     p = meta(srv, "mlpackage-only")
     assert p["backend"] == "coreml", p
-    ok, why = prediction_supported()
-    if ok:
+    if prediction_supported()[0]:
         assert p["state"] == "READY" and p["parity"].startswith("unverified (no source model beside"), p
     else:
         assert p["state"] == "FAILED" and "Core ML prediction needs macOS" in p["reason"], p
