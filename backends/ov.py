@@ -10,6 +10,7 @@ the non-quantized rest of the graph runs f32.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from pathlib import Path
 
@@ -58,6 +59,19 @@ class OpenVinoRunner:
         self.compiled = None
 
 
+@contextlib.contextmanager
+def _root_logger_kept():
+    """ov.convert_model sets the root logger to ERROR (and adds a filter) and leaves it so when the
+    conversion fails: every INFO and WARNING of the server after it would be lost. Put it back."""
+    root = logging.getLogger()
+    level, filters, handlers = root.level, list(root.filters), list(root.handlers)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        root.filters, root.handlers = filters, handlers
+
+
 class OpenVinoBackend(BackendBase):
     name = "openvino"
     platform = "openvino"
@@ -86,12 +100,13 @@ class OpenVinoBackend(BackendBase):
         if options.precision not in self.precisions:
             raise CompileFailed(f"openvino: precision '{options.precision}' is not supported")
         try:
-            if source.suffix == ".pt2":
-                import torch
+            with _root_logger_kept():
+                if source.suffix == ".pt2":
+                    import torch
 
-                model = ov.convert_model(torch.export.load(str(source)))
-            else:
-                model = ov.convert_model(str(source))
+                    model = ov.convert_model(torch.export.load(str(source)))
+                else:
+                    model = ov.convert_model(str(source))
         except Exception as err:
             raise CompileFailed(conversion_failure(source, err)) from err
         if options.precision == "int8":

@@ -417,3 +417,11 @@ def test_a_source_the_reference_cannot_load_is_unverified_not_unreadable(tmp_pat
     assert state == "READY" and verdict.startswith("unverified (the reference cannot load the source"), verdict
     state, reason, _ = verdicts[("onnxruntime", False)]
     assert state == "FAILED" and "Swish" in reason, reason
+
+
+def test_a_failed_openvino_conversion_leaves_the_server_logging(srv):
+    """ov.convert_model sets the root logger to ERROR and leaves it so when it fails; models loaded
+    after the det-* ones (ir-*, tflite-*) must still log their INFO and WARNING lines."""
+    log = srv.log()
+    assert log.index("det-openvino v1 FAILED") < log.index("model ir-only v1 READY")
+    assert "WARNING kiln.model: model tflite-only v1: parity unverified" in log
