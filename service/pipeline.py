@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from backends import BackendUnavailable, CompileOptions, Runner, TensorInfo, get_backend
+from backends import BackendUnavailable, CompileFailed, CompileOptions, Runner, TensorInfo, get_backend
 from backends.reference import Reference
 from backends.signature import SourceFacts
 
@@ -187,6 +187,8 @@ class Pipeline:
             status, reason = "failed", str(err)
         except BackendUnavailable as err:
             status, reason = "unavailable", str(err)
+        except CompileFailed as err:  # its message already says what failed and why
+            status, reason = "failed", str(err)
         except Exception as err:
             status, reason = "failed", f"{type(err).__name__}: {err}"
         log.warning("model %s v%s: %s/%s %s: %s", self.ctx.name, self.ctx.version, backend, precision, status, reason)
