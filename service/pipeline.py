@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -179,23 +179,20 @@ class Pipeline:
         facts: dict[str, Any] = {"details": {}}
         runners: list[Runner] = []
         try:
-            result = self._attempt(backend, precision, serve, facts, runners)
-            return result
-        except _Unavailable as err:
+            return self._attempt(backend, precision, serve, facts, runners)
+        except (_Unavailable, BackendUnavailable) as err:
             status, reason = "unavailable", str(err)
-        except GateFailed as err:
-            status, reason = "failed", str(err)
-        except BackendUnavailable as err:
-            status, reason = "unavailable", str(err)
-        except CompileFailed as err:  # its message already says what failed and why
+        except (GateFailed, CompileFailed) as err:  # their messages say what failed and why
             status, reason = "failed", str(err)
         except Exception as err:
             status, reason = "failed", f"{type(err).__name__}: {err}"
         log.warning("model %s v%s: %s/%s %s: %s", self.ctx.name, self.ctx.version, backend, precision, status, reason)
-        failed = AttemptResult(backend, precision, status, reason, runners=tuple(runners),
-                               **{k: v for k, v in facts.items() if k != "details"}, details=facts["details"])
-        failed.close()
-        return replace(failed, runners=())
+        for r in runners:  # a failed attempt keeps what it found, not its runners
+            try:
+                r.close()
+            except Exception:
+                log.exception("closing a %s runner failed", backend)
+        return AttemptResult(backend, precision, status, reason, **facts)
 
     # -- the steps ------------------------------------------------------------------------------
     def compile_options(self, precision: str) -> CompileOptions:
