@@ -13,7 +13,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from backends.ort import OnnxRuntimeRunner
-from service.batcher import Batcher, BatchPolicy, CostCurve, _gather
+from service.batcher import Batcher, BatchPolicy, Calibration, CostCurve
+from service.staging import gather
 from service.errors import Unavailable
 
 
@@ -105,6 +106,7 @@ def test_each_client_gets_its_own_rows_in_order(model_path, mode):
 
 
 def test_staging_memory_makes_adjacent_requests_one_view(model_path):
+    """The batcher hands out staging regions (its slabs: tests/test_staging.py) for whole rows only."""
     b = Batcher("lin", "1", [ort_runner(model_path)], BatchPolicy(16, 0.004, (4, 8, 16), 100))
     try:
         b.calibrate({"x": np.zeros((1, 16), np.float32)})
@@ -115,37 +117,15 @@ def test_staging_memory_makes_adjacent_requests_one_view(model_path):
             a = np.frombuffer(b.staging(n * 64), np.float32).reshape(n, 16)  # 64 bytes per row
             a[...] = i + np.arange(n * 16, dtype=np.float32).reshape(n, 16)
             arrays.append(a)
-        joined = _gather(arrays)
+        joined = gather(arrays)
         assert joined.shape == (6, 16) and np.shares_memory(joined, arrays[0])  # a view, no copy
         np.testing.assert_array_equal(joined, np.concatenate(arrays))
         # Not adjacent (another region in between) or not staged at all: a copy, same values.
         gap = b.staging(64)
         apart = np.frombuffer(b.staging(64), np.float32).reshape(1, 16)
         assert gap is not None
-        mixed = _gather([arrays[0], apart, np.ones((2, 16), np.float32)])
+        mixed = gather([arrays[0], apart, np.ones((2, 16), np.float32)])
         assert not np.shares_memory(mixed, arrays[0]) and mixed.shape == (4, 16)
-        # Slabs (16 rows here) are reused only when nothing refers to them any more.
-        def slab_at() -> int:
-            return b._slab.__array_interface__["data"][0]  # noqa: SLF001
-
-        first = slab_at()
-        while slab_at() == first:  # fill the rest of the first slab
-            b.staging(64)
-        kept = arrays[1]
-        del arrays, joined, mixed, apart, gap, a
-        for _ in range(8):
-            b.staging(64 * 16)  # whole slabs: the first one is still referred to by `kept`
-            assert slab_at() != first
-        del kept
-        reused = [slab_at() == first for _ in range(8) if b.staging(64 * 16) is not None]
-        assert any(reused), "a slab nothing refers to was not reused"
-        # A slab nothing refers to any more starts over, so at low concurrency the same (cached)
-        # memory is used again and again.
-        one = b.staging(64)
-        held = b.staging(64)
-        assert held.__array_interface__["data"][0] == slab_at() + 64  # `one` is still referred to
-        del one, held
-        assert b.staging(64).__array_interface__["data"][0] == slab_at()
         assert b.staging(17 * 64) is None  # over max_batch_size
         assert b.staging(100) is None      # not whole rows
         b.inline = True
@@ -187,10 +167,11 @@ def test_batches_follow_staging_memory(model_path, case):
         b.inline = False
         b.cost = CostCurve()
         _fake_slow_curve(b)  # batching pays: the batch size is what the queue holds, not cost-curve noise
+        row_bytes = b.calibration.row_bytes
         if case == "copy-is-cheaper":
-            b._call_s, b._copy_row_s = 1.0, 0.0  # noqa: SLF001
+            b.calibration = Calibration(row_bytes, copy_row_s=0.0, call_s=1.0)
         else:
-            b._call_s, b._copy_row_s = 0.0, 1.0  # noqa: SLF001
+            b.calibration = Calibration(row_bytes, copy_row_s=1.0, call_s=0.0)
         if case != "out-of-order":
             # The slab holds 16 rows: three more fit, the next three go to a new slab. (Kept: a slab
             # nothing refers to starts over.)
@@ -321,16 +302,14 @@ def test_wait_bounded_by_max_queue_delay_and_coalesces(model_path):
     x = np.ones((1, 16), np.float32)
 
     async def main():
-        b._interarrival = 0.001  # noqa: SLF001 (a stream of arrivals 1 ms apart has been seen)
-        b._last_arrival = time.perf_counter() - 0.001  # noqa: SLF001
+        b.arrivals.seed(0.001, time.perf_counter())  # a stream of arrivals 1 ms apart has been seen
         t0 = time.perf_counter()
         first = asyncio.ensure_future(b.submit({"x": x}))
         await asyncio.sleep(0.002)
         second = asyncio.ensure_future(b.submit({"x": x}))
         (_, q1, _), (_, q2, _) = await asyncio.gather(first, second)
         lone_t0 = time.perf_counter()
-        b._interarrival = 0.001  # noqa: SLF001
-        b._last_arrival = time.perf_counter() - 0.001  # noqa: SLF001
+        b.arrivals.seed(0.001, time.perf_counter())
         _, q3, _ = await b.submit({"x": x})  # nobody else comes: runs when the delay is spent
         return q1, q2, q3, time.perf_counter() - t0, time.perf_counter() - lone_t0
 
@@ -446,3 +425,72 @@ def test_crashed_runner_is_replaced(model_path):
     assert outcomes[:REPLACE_AFTER_FAILURES] == ["InferenceFailed"] * REPLACE_AFTER_FAILURES
     assert outcomes[REPLACE_AFTER_FAILURES:] == [(2, 4), (2, 4)]
     assert b.replaced == 1
+
+
+@pytest.mark.parametrize("mode", ["threads", "inline"])
+def test_zero_row_batch_leaves_the_cost_curve_and_the_queue_working(model_path, mode):
+    """A 0-row request reaching the batcher (the HTTP route refuses it first, with 400) runs, is
+    never recorded in the cost curve, and every later request is still answered."""
+    b = Batcher("lin", "1", [ort_runner(model_path)], BatchPolicy(16, 0.002, (), 100))
+    ref = ort_runner(model_path)
+    try:
+        b.calibrate({"x": np.zeros((1, 16), np.float32)})
+        b.inline = mode == "inline"
+        sizes = list(b.cost.as_dict())
+        x = np.random.default_rng(5).standard_normal((3, 16)).astype(np.float32)
+
+        async def main():
+            empty, _, _ = await b.submit({"x": np.zeros((0, 16), np.float32)})
+            outs = await asyncio.gather(*(b.submit({"x": x}) for _ in range(20)))
+            return empty, outs
+
+        empty, outs = asyncio.run(main())
+    finally:
+        b.close()
+    assert empty["y"].shape == (0, 4)
+    assert 0 not in b.cost.sizes and set(b.cost.sizes) >= set(sizes)
+    for out, _, _ in outs:
+        np.testing.assert_allclose(out["y"], ref.infer({"x": x})["y"], rtol=1e-5, atol=1e-5)
+    assert b.broken is None
+
+
+@pytest.mark.parametrize("mode", ["threads", "inline"])
+def test_a_broken_batcher_says_so_at_once(model_path, mode, caplog):
+    """A fault in the batcher itself (here the on_batch hook raising after a batch ran: in the runner
+    thread, or in the event-loop callback inline) breaks it: the request in that batch and every
+    later one get 503 with the reason at once, not a timeout; the owner is told; the log says why."""
+    told = []
+
+    def faulty_hook(rows, seconds):
+        raise ZeroDivisionError("division by zero")
+
+    b = Batcher("lin", "1", [ort_runner(model_path)], BatchPolicy(16, 0.0, (), 100),
+                on_batch=faulty_hook, on_broken=told.append)
+    try:
+        b.calibrate({"x": np.zeros((1, 16), np.float32)})
+        b.inline = mode == "inline"
+        x = np.ones((1, 16), np.float32)
+
+        async def main():
+            outcomes = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                try:
+                    await asyncio.wait_for(b.submit({"x": x}), 5)
+                    outcomes.append(("ok", time.perf_counter() - t0))
+                except Unavailable as exc:
+                    outcomes.append((exc.message, time.perf_counter() - t0))
+            return outcomes
+
+        with caplog.at_level("ERROR", logger="kiln.batcher"):
+            outcomes = asyncio.run(main())
+    finally:
+        b.close()
+    assert b.broken and "ZeroDivisionError" in b.broken
+    assert told == [b.broken]
+    for message, seconds in outcomes:
+        assert "is not ready" in message and "ZeroDivisionError" in message, outcomes
+        assert seconds < 1.0, outcomes
+    assert any("batcher broken" in r.getMessage() and r.exc_info for r in caplog.records)
+    if mode == "threads":
+        assert not any(w.thread.is_alive() for w in b.workers)
