@@ -116,7 +116,7 @@ async def _receive_body(receive, limit: int, declared: int) -> bytes:
 def create_app(settings: Settings, repository: ModelRepository | None = None) -> FastAPI:
     repo = repository or ModelRepository(
         settings.model_repo, settings.cache_dir, [m for m in settings.models.split(",") if m],
-        freeze_heap=settings.gc_freeze,
+        freeze_heap=settings.gc_freeze, settle_quiet_s=settings.gc_settle_delay_s,
     )
 
     @asynccontextmanager

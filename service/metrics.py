@@ -17,7 +17,7 @@ LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-STATES = ("LOADING", "COMPILING", "VERIFYING", "WARMING", "READY", "FAILED")
+STATES = ("LOADING", "COMPILING", "VERIFYING", "WARMING", "READY", "UNAVAILABLE", "FAILED")
 
 REQUESTS = Counter(
     "kiln_inference_requests", "Inference requests by outcome (success, client_error, server_error, rejected)",

@@ -1,8 +1,9 @@
 """One served model version: its state, the attempt it serves, inference, and its metadata.
 
-States: LOADING → COMPILING → VERIFYING → WARMING → READY, or FAILED with a reason. Each entry of
-the fallback chain is an attempt (service/pipeline.py) returning an immutable result; every result
-and why it failed is kept for the metadata, and the first that passes is served.
+States: LOADING → COMPILING → VERIFYING → WARMING → READY, or FAILED with a reason; READY →
+UNAVAILABLE when its batcher breaks (service/batcher.py). Each entry of the fallback chain is an
+attempt (service/pipeline.py) returning an immutable result; every result and why it failed is kept
+for the metadata, and the first that passes is served.
 """
 
 from __future__ import annotations
@@ -255,6 +256,9 @@ class ModelVersion:
                 raise InvalidInput(f"input '{name}': shape {list(arr.shape)} does not match the model's "
                                    f"{list(spec.shape)}")
             if self.config.max_batch_size > 0:
+                if arr.shape[0] < 1:  # as Triton: a batch has at least one row (docs/hardening.md)
+                    raise InvalidInput(f"input '{name}': batch size {arr.shape[0]}: inference request "
+                                       f"batch-size must be >= 1 for '{self.name}'")
                 if arr.shape[0] > self.config.max_batch_size:
                     raise InvalidInput(f"input '{name}': batch {arr.shape[0]} exceeds max_batch_size "
                                        f"{self.config.max_batch_size}")
@@ -276,10 +280,17 @@ class ModelVersion:
         """One runner thread per instance behind the dynamic batcher; seed its cost curve.
         The attempt's `new_runner` rebuilds a runner that keeps failing (a crashed session)."""
         self._batcher = Batcher(self.name, self.version, list(attempt.runners), self.batch_policy(),
-                                rebuild=attempt.new_runner, on_batch=self.executions.record)
+                                rebuild=attempt.new_runner, on_batch=self.executions.record,
+                                on_broken=self._batcher_broken)
         sample = attempt.golden.warm_sample(self.config.max_batch_size > 0) if attempt.golden else None
         if sample is not None:
             self._batcher.calibrate(sample)
+
+    def _batcher_broken(self, reason: str) -> None:
+        """The batcher can no longer answer (service/batcher.py, health): not ready, with the reason,
+        until the model is loaded again."""
+        if self.state == "READY":
+            self._set_state("UNAVAILABLE", reason)
 
     def staging(self, nbytes: int) -> np.ndarray | None:
         """Batcher memory to receive an input tensor into (Batcher.staging), or None."""

@@ -1,9 +1,18 @@
-"""The model repository: scan `model_repo/`, build every model, load and unload on request."""
+"""The model repository: scan `model_repo/`, build every model, load and unload on request.
+
+Changes to one model are serialized (`ModelTurns`): a load, an unload (and whatever else changes a
+model's versions) runs alone, in the order they asked, so exactly one set of versions, each with its
+runners, is live per model. A reload builds the new versions while the old ones serve, swaps them
+in, then closes the old ones; an unload asked for during a load runs after it. Different models
+load in parallel.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
@@ -44,15 +53,51 @@ def _close(versions) -> None:
         mv.close()
 
 
+class ModelTurns:
+    """One turn at a time per model name, first come first served (a ticket lock per name).
+
+    Whatever changes a model's versions holds its turn for the whole change: `with turns.hold(name):`.
+    Names nobody holds or waits for take no memory, so refused names cannot grow it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._tickets: dict[str, list[int]] = {}  # name -> [next ticket, ticket now served]
+
+    @contextmanager
+    def hold(self, name: str) -> Iterator[None]:
+        with self._cond:
+            entry = self._tickets.setdefault(name, [0, 0])
+            ticket = entry[0]
+            entry[0] += 1
+            while entry[1] != ticket:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                entry[1] += 1
+                if entry[1] == entry[0]:  # nobody waiting
+                    del self._tickets[name]
+                self._cond.notify_all()
+
+    def busy(self, name: str) -> bool:
+        """Someone holds or waits for this model's turn."""
+        with self._cond:
+            return name in self._tickets
+
+
 class ModelRepository:
-    def __init__(self, root: Path, cache_dir: Path, only: list[str] | None = None, freeze_heap: bool = False):
+    def __init__(self, root: Path, cache_dir: Path, only: list[str] | None = None, freeze_heap: bool = False,
+                 settle_quiet_s: float = 1.0):
         self.root = Path(root)
         self.freeze_heap = freeze_heap  # service/heap.py: settle the heap whenever the models change
+        self.settler = heap.Settler(settle_quiet_s) if freeze_heap else None
         self.cache = CompileCache(cache_dir)
         self.only = set(only or [])
         self.models: dict[str, dict[str, ModelVersion]] = {}
         self.loading_done = threading.Event()
-        self._lock = threading.RLock()
+        self.turns = ModelTurns()
+        self._lock = threading.RLock()  # guards `models` itself (lookups never wait for a build)
 
     # -- discovery -----------------------------------------------------------------------------
     def model_dirs(self) -> dict[str, Path]:
@@ -114,48 +159,59 @@ class ModelRepository:
         except Exception:
             log.exception("loading the model repository failed")
         finally:
-            self._settle()  # before ready: the collection's pause lands on no request
+            if self.settler is not None:
+                self.settler.request()
+                self.settler.flush()  # before ready: the collection's pause lands on no request
             self.loading_done.set()
 
-    def _settle(self) -> None:
-        if self.freeze_heap:
-            heap.settle()
+    def _changed(self) -> None:
+        """The loaded models changed: settle the heap once the burst of changes is over."""
+        if self.settler is not None:
+            self.settler.request()
+
+    def settle_pending(self) -> None:
+        """Run a heap settle that waits for its burst of changes to end, now."""
+        if self.settler is not None:
+            self.settler.flush()
 
     def _load_dir(self, model_dir: Path) -> list[ModelVersion]:
-        versions = self._versions_for(model_dir)
-        name = versions[0].name
-        with self._lock:
-            old = self.models.get(name, {})
-            if not old:  # first load: register now so /ready shows LOADING/COMPILING during the build
+        """Build the model in `model_dir` in its turn, swap the new versions in, close the old ones."""
+        with self.turns.hold(self._config_name(model_dir)):
+            versions = self._versions_for(model_dir)
+            name = versions[0].name
+            with self._lock:
+                if not self.models.get(name):  # first load: registered now, /ready shows LOADING/COMPILING
+                    self.models[name] = {mv.version: mv for mv in versions}
+            for mv in versions:
+                if mv.state != "FAILED":
+                    mv.build()
+            with self._lock:
+                # Whatever is registered now (in its turn, what was there before this load began, or
+                # the new versions themselves on a first load) is replaced and closed.
+                replaced = self.models.get(name, {})
                 self.models[name] = {mv.version: mv for mv in versions}
-        for mv in versions:
-            if mv.state != "FAILED":
-                mv.build()
-        with self._lock:
-            self.models[name] = {mv.version: mv for mv in versions}
-        for v, mv in old.items():
-            if mv not in versions:
-                mv.close()
+            _close(mv for mv in replaced.values() if mv not in versions)
+        self._changed()
         return versions
 
     def load(self, name: str) -> list[ModelVersion]:
         """(Re)load one model from disk; the old versions serve until the new ones are built."""
-        try:
-            return self._load_dir(self._model_dir(name))
-        finally:
-            self._settle()
+        return self._load_dir(self._model_dir(name))
 
     def unload(self, name: str) -> None:
         check_name(name)
-        with self._lock:
-            versions = self.models.pop(name, None)
-        if versions is None:
-            raise NotFound(f"model '{name}' is not loaded")
-        _close(versions.values())
-        del versions  # the collection in _settle must find the model unreferenced
-        self._settle()
+        with self.turns.hold(name):  # after a load of this model in progress
+            with self._lock:
+                versions = self.models.pop(name, None)
+            if versions is None:
+                raise NotFound(f"model '{name}' is not loaded")
+            _close(versions.values())
+            del versions  # the settle's collection must find the model unreferenced
+        self._changed()
 
     def close(self) -> None:
+        if self.settler is not None:
+            self.settler.close()
         with self._lock:
             all_versions = [mv for vs in self.models.values() for mv in vs.values()]
             self.models = {}

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     # Freeze the heap that startup and model loads leave out of Python's cyclic GC, whose full
     # collections would otherwise stall the event loop ~25 ms each under load (service/heap.py).
     gc_freeze: bool = True
+    # Seconds without a model change before the heap is settled again (one full collection per burst
+    # of loads/unloads, not one per load; service/heap.py Settler).
+    gc_settle_delay_s: float = Field(1.0, ge=0)
 
     # -- hardening (docs/hardening.md) ------------------------------------------------------------
     # Log lines as text (humans) or one JSON object per line (log shippers); both carry the request id.

@@ -4,7 +4,10 @@ free what they drop."""
 from __future__ import annotations
 
 import gc
+import time
 import weakref
+
+import pytest
 
 from service.app import create_app
 from service.repository import ModelRepository
@@ -45,10 +48,13 @@ def test_loaded_models_frozen_unloaded_ones_freed(tmp_path):
         model_ref = weakref.ref(mv)
         del mv
         repo.unload("digits-cnn")
+        assert repo.settler.pending, "an unload that changed the models must settle the heap"
+        repo.settle_pending()  # the settle would run after KILN_GC_SETTLE_DELAY_S of quiet
         assert model_ref() is None, "the unloaded model stayed in memory"
 
         # Reloading freezes the new model's objects too.
         repo.load("digits-cnn")
+        repo.settle_pending()
         assert not _collector_sees(repo.get("digits-cnn"))
     finally:
         repo.close()
@@ -75,3 +81,60 @@ def test_server_setting(monkeypatch, tmp_path):
 
 def test_served_process_freezes_its_heap(server):
     assert "heap settled:" in server.log(), server.log()[-2000:]
+
+
+def test_settler_coalesces_a_burst_into_one_settle():
+    from service.heap import Settler
+
+    settler = Settler(quiet_s=0.2, max_delay_s=5.0)
+    try:
+        for _ in range(20):
+            settler.request()
+            time.sleep(0.01)
+        assert settler.settles == 0  # still inside the burst
+        deadline = time.monotonic() + 5
+        while settler.settles == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.4)
+        assert settler.settles == 1 and not settler.pending
+    finally:
+        settler.close()
+    assert gc.get_freeze_count() > 0
+    gc.unfreeze()
+
+
+def test_settler_settles_under_steady_churn_by_the_max_delay():
+    from service.heap import Settler
+
+    settler = Settler(quiet_s=0.2, max_delay_s=0.5)
+    try:
+        end = time.monotonic() + 1.3
+        while time.monotonic() < end:  # a change every 50 ms: never 0.2 s of quiet
+            settler.request()
+            time.sleep(0.05)
+        assert 1 <= settler.settles <= 3, settler.settles
+    finally:
+        settler.close()
+    gc.unfreeze()
+
+
+def test_refused_loads_settle_nothing(tmp_path):
+    from service.errors import InvalidInput, NotFound
+
+    repo = ModelRepository(DEFAULT_REPO, tmp_path / "cache", ["digits-cnn"], freeze_heap=True, settle_quiet_s=0.05)
+    try:
+        repo.load_all()
+        before = repo.settler.settles
+        for _ in range(10):
+            with pytest.raises(NotFound):
+                repo.load("no-such-model")
+            with pytest.raises(InvalidInput):
+                repo.load("../etc")
+            with pytest.raises(NotFound):
+                repo.unload("no-such-model")
+        assert not repo.settler.pending
+        time.sleep(0.3)
+        assert repo.settler.settles == before
+        assert not repo.turns.busy("no-such-model")  # refused names leave nothing behind
+    finally:
+        repo.close()
