@@ -5,7 +5,8 @@
 1. zero-row: a 0-row infer (JSON, then binary), then three normal infers: their statuses and
    seconds, and what /v2/health/ready says.
 2. concurrent loads: server threads before and after 20 rounds of two concurrent loads.
-3. load/unload races: 30 races of a load and an unload; how many ended FAILED, READY, unloaded.
+3. load/unload races: 30 races of a load and an unload (the second 0-420 ms after the first; half
+   from loaded, half from unloaded); how many ended FAILED, READY, unloaded.
 4. heap settles: "heap settled" log lines after 60 refused loads (404/400), then after 10 reloads.
 
 The server gets KILN_REQUEST_TIMEOUT_S=3, so a wedged model shows as 504s within seconds.
@@ -90,9 +91,16 @@ def main() -> int:
                 print(f"2. concurrent loads: threads {start} -> {threads(pid)} after 20 rounds of 2", flush=True)
                 ended = {"FAILED": 0, "READY": 0, "unloaded": 0, "other": 0}
                 for race in range(30):
-                    if httpx.get(url + "/v2/models/digits-cnn/ready").status_code != 200:
-                        post(LOAD)
-                    list(pool.map(post, [LOAD, UNLOAD] if race % 2 else [UNLOAD, LOAD]))
+                    if race % 4 < 2:  # half the races start loaded (a reload races the unload)
+                        if httpx.get(url + "/v2/models/digits-cnn/ready").status_code != 200:
+                            post(LOAD)
+                    elif httpx.get(url + "/v2/models/digits-cnn").status_code != 404:
+                        post(UNLOAD)  # half unloaded (a first load races it)
+                    first, second = (LOAD, UNLOAD) if race % 2 else (UNLOAD, LOAD)
+                    a = pool.submit(post, first)
+                    time.sleep((race // 2 % 8) * 0.06)  # into every phase of the load's build
+                    b = pool.submit(post, second)
+                    a.result(), b.result()
                     meta = httpx.get(url + "/v2/models/digits-cnn")
                     if meta.status_code == 404:
                         ended["unloaded"] += 1

@@ -115,17 +115,44 @@ def test_concurrent_loads_keep_one_live_set_of_runners(digits_server):
     assert_serves_digits(url)
 
 
+def _wait_registered(url: str, timeout: float = 30.0) -> None:
+    """Until a first load has registered the model (it holds the model's turn while it builds)."""
+    deadline = time.monotonic() + timeout
+    while httpx.get(url + "/v2/models/digits-cnn").status_code == 404:
+        assert time.monotonic() < deadline, "the load never registered the model"
+        time.sleep(0.005)
+
+
 def test_load_unload_races_end_consistent(digits_server):
+    """30 races of a load and an unload, four kinds in turn: from loaded, load then unload and unload
+    then load, the second 0-420 ms after the first (into every phase of the build); from unloaded, a
+    first load with an unload sent once the load has registered the model (so it must run after the
+    load: the model ends unloaded), and an unload then a load. Never FAILED; always consistent."""
     url = digits_server.url
     load, unload = "/v2/repository/models/digits-cnn/load", "/v2/repository/models/digits-cnn/unload"
     outcomes = {"loaded": 0, "unloaded": 0}
     with cf.ThreadPoolExecutor(2) as pool:
         for race in range(30):
-            if httpx.get(url + "/v2/models/digits-cnn/ready").status_code != 200:
+            kind, delay = race % 4, (race // 4 % 8) * 0.06
+            start_loaded = kind < 2
+            if start_loaded and httpx.get(url + "/v2/models/digits-cnn/ready").status_code != 200:
                 assert _post(url, load) == 200
-            statuses = list(pool.map(lambda path: _post(url, path), [load, unload] if race % 2 else [unload, load]))
-            assert statuses == [200, 200], statuses
+            if not start_loaded and httpx.get(url + "/v2/models/digits-cnn").status_code != 404:
+                assert _post(url, unload) == 200
+            first, second = (load, unload) if kind in (0, 2) else (unload, load)
+            a = pool.submit(_post, url, first)
+            if kind == 2:
+                _wait_registered(url)
+            else:
+                time.sleep(delay)
+            b = pool.submit(_post, url, second)
+            status = dict(zip((first, second), (a.result(), b.result())))
+            assert status[load] == 200, (race, status)
+            # Unloading a model that is not loaded (unloaded at the start, and its turn came first) is 404.
+            assert status[unload] == 200 or (kind == 3 and status[unload] == 404), (race, status)
             meta = httpx.get(url + "/v2/models/digits-cnn")
+            if kind == 2:
+                assert meta.status_code == 404, f"race {race}: an unload sent during the load ran before it"
             if meta.status_code == 404:  # unloaded last: gone, and said so in the index
                 index = httpx.post(url + "/v2/repository/index", timeout=10).json()
                 assert {"name": "digits-cnn", "state": "UNAVAILABLE", "reason": "unloaded"} in index
