@@ -8,6 +8,8 @@
 3. load/unload races: 30 races of a load and an unload (the second 0-420 ms after the first; half
    from loaded, half from unloaded); how many ended FAILED, READY, unloaded.
 4. heap settles: "heap settled" log lines after 60 refused loads (404/400), then after 10 reloads.
+5. infer req/s (8 closed-loop clients, 3 s) alone, and while another client sends refused loads
+   back to back.
 
 The server gets KILN_REQUEST_TIMEOUT_S=3, so a wedged model shows as 504s within seconds.
 """
@@ -59,6 +61,30 @@ def zero_row(url: str, binary: bool) -> str:
     ready = httpx.get(url + "/v2/health/ready").status_code
     return (f"0-row {first}; next infers " + ", ".join(f"{s} in {t:.2f}s" for s, t in later)
             + f"; /v2/health/ready {ready}")
+
+
+def infer_rate(url: str, seconds: float = 3.0, refused_loads: bool = False) -> tuple[float, int]:
+    """(infer req/s of 8 closed-loop clients, refused loads sent meanwhile)."""
+    stop = time.monotonic() + seconds
+    done, loads = [0] * 8, [0]
+
+    def client(i: int) -> None:
+        with httpx.Client(timeout=30) as c:
+            while time.monotonic() < stop:
+                assert c.post(url + INFER, content=digits_body()).status_code == 200
+                done[i] += 1
+
+    def loader() -> None:
+        with httpx.Client(timeout=30) as c:
+            while time.monotonic() < stop:
+                c.post(url + "/v2/repository/models/no-such-model/load")
+                loads[0] += 1
+
+    with cf.ThreadPoolExecutor(9) as pool:
+        jobs = [pool.submit(client, i) for i in range(8)] + ([pool.submit(loader)] if refused_loads else [])
+        for j in jobs:
+            j.result()
+    return sum(done) / seconds, loads[0]
 
 
 def main() -> int:
@@ -121,6 +147,10 @@ def main() -> int:
             time.sleep(3)
             reloads = srv.log().count("heap settled:") - before - refused
             print(f"4. heap settles: {refused} for 60 refused loads, {reloads} for 10 reloads in a row", flush=True)
+            alone, _ = infer_rate(url)
+            during, loads = infer_rate(url, refused_loads=True)
+            print(f"5. infer: {alone:,.0f} req/s alone, {during:,.0f} req/s during {loads} refused loads in 3 s",
+                  flush=True)
         finally:
             srv.stop()
     finally:
