@@ -36,7 +36,7 @@ UNLOAD = "/v2/repository/models/digits-cnn/unload"
 
 
 def threads(pid: int) -> int:
-    return int(re.search(r"^Threads:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M).group(1))
+    return int(re.search(r"^Threads:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE).group(1))
 
 
 def timed(method, url: str, **kw) -> tuple[str, float]:
@@ -107,7 +107,7 @@ def main() -> int:
         srv = serve()
         try:
             url, pid = srv.url, srv.proc.pid
-            post = lambda path: httpx.post(url + path, timeout=120).status_code  # noqa: E731
+            post = lambda path: httpx.post(url + path, timeout=120).status_code
             post(LOAD)
             start = threads(pid)
             with cf.ThreadPoolExecutor(2) as pool:

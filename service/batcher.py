@@ -37,18 +37,27 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from . import metrics
-from .batch_policy import (ArrivalRate, BatchPolicy, CostCurve, batch_limit, copy_beats_call, is_full,
-                           runs_inline, wait_budget)
+from .batch_policy import (
+    ArrivalRate,
+    BatchPolicy,
+    CostCurve,
+    batch_limit,
+    copy_beats_call,
+    is_full,
+    runs_inline,
+    wait_budget,
+)
 from .errors import KilnError, Unavailable
 from .staging import StagingSlabs, contiguous_runs, gather
 
-__all__ = ["Batcher", "BatchPolicy", "Calibration", "CostCurve", "InferenceFailed", "REPLACE_AFTER_FAILURES"]
+__all__ = ["REPLACE_AFTER_FAILURES", "BatchPolicy", "Batcher", "Calibration", "CostCurve", "InferenceFailed"]
 
 log = logging.getLogger("kiln.batcher")
 
@@ -245,8 +254,8 @@ class Batcher:
                     return
                 self._depth.set(depth)
                 self._run(self.workers[0], batch)
-        except BaseException as err:  # noqa: BLE001 - a bug in the batcher: fail loudly, not silently
-            self._break(f"the inline batch loop raised {type(err).__name__}: {err}", batch or [])
+        except BaseException as err:  # a bug in the batcher: fail loudly, not silently
+            self._break(f"the inline batch loop raised {type(err).__name__}: {err}", batch or [], err)
             if not isinstance(err, Exception):
                 raise
 
@@ -342,9 +351,9 @@ class Batcher:
                     continue
                 self._depth.set(depth)
                 self._run(w, batch)
-        except BaseException as err:  # noqa: BLE001 - the thread ends here either way
+        except BaseException as err:  # noqa: BLE001 - the thread ends here either way: say why
             self._break(f"runner thread {threading.current_thread().name} died: {type(err).__name__}: {err}",
-                        batch or [])
+                        batch or [], err)
 
     def _run(self, w: _Worker, batch: list[_Item]) -> None:
         start = time.perf_counter()
@@ -415,7 +424,7 @@ class Batcher:
         except Exception:
             log.exception("closing the replaced runner of %s failed", self.name)
 
-    def _break(self, reason: str, inflight: list[_Item]) -> None:
+    def _break(self, reason: str, inflight: list[_Item], cause: BaseException) -> None:
         """Stop serving for good: every queued request, and the batch that was running, gets 503 with
         the reason now; the other runner threads end; the owner hears of it."""
         with self._lock:
@@ -429,7 +438,7 @@ class Batcher:
             self._rows = 0
         if first:
             log.error("model %s v%s: batcher broken, the model is not ready until it is loaded again: %s",
-                      self.name, self.version, reason, exc_info=True)
+                      self.name, self.version, reason, exc_info=cause)
         for w in self.workers:
             w.wake.put(_CLOSE)
         error = self._refusal()

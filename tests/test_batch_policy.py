@@ -6,8 +6,16 @@ import math
 
 import pytest
 
-from service.batch_policy import (ArrivalRate, BatchPolicy, CostCurve, batch_limit, copy_beats_call, is_full,
-                                  runs_inline, wait_budget)
+from service.batch_policy import (
+    ArrivalRate,
+    BatchPolicy,
+    CostCurve,
+    batch_limit,
+    copy_beats_call,
+    is_full,
+    runs_inline,
+    wait_budget,
+)
 
 
 def curve(points: dict[int, float]) -> CostCurve:

@@ -51,7 +51,7 @@ def assert_serves_digits(url: str) -> None:
 
 def server_threads(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"^Threads:\s+(\d+)", status, re.M).group(1))
+    return int(re.search(r"^Threads:\s+(\d+)", status, re.MULTILINE).group(1))
 
 
 @pytest.fixture(scope="module")
