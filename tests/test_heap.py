@@ -86,16 +86,17 @@ def test_served_process_freezes_its_heap(server):
 def test_settler_coalesces_a_burst_into_one_settle():
     from service.heap import Settler
 
-    settler = Settler(quiet_s=0.2, max_delay_s=5.0)
+    settler = Settler(quiet_s=1.0, max_delay_s=10.0)
     try:
-        for _ in range(20):
+        t0 = time.monotonic()
+        for _ in range(20):  # twenty model changes in a row
             settler.request()
-            time.sleep(0.01)
-        assert settler.settles == 0  # still inside the burst
-        deadline = time.monotonic() + 5
+        assert settler.settles == 0 and settler.pending  # nothing on the caller's path
+        deadline = time.monotonic() + 10
         while settler.settles == 0 and time.monotonic() < deadline:
             time.sleep(0.02)
-        time.sleep(0.4)
+        assert time.monotonic() - t0 >= 1.0  # after the quiet period
+        time.sleep(1.2)
         assert settler.settles == 1 and not settler.pending
     finally:
         settler.close()
@@ -112,7 +113,7 @@ def test_settler_settles_under_steady_churn_by_the_max_delay():
         while time.monotonic() < end:  # a change every 50 ms: never 0.2 s of quiet
             settler.request()
             time.sleep(0.05)
-        assert 1 <= settler.settles <= 3, settler.settles
+        assert 1 <= settler.settles <= 6, settler.settles  # not zero (never quiet), not one per change (26)
     finally:
         settler.close()
     gc.unfreeze()
