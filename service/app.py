@@ -20,6 +20,7 @@ from . import __version__, metrics, stats
 from . import openapi as _openapi
 from .errors import InvalidInput, KilnError, NotFound, PayloadTooLarge, error_reply
 from .infer import InferRoute, match_infer_path, too_large
+from .monitor import Monitor
 from .repository import ModelRepository
 from .settings import Settings
 
@@ -136,7 +137,11 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
         # Bounded by the shutdown grace: a SIGTERM during a long compile must not hang the pod.
         await asyncio.to_thread(repo.loading_done.wait, max(1.0, settings.shutdown_grace_s))
         repo.close()
+        if monitor is not None:
+            await asyncio.to_thread(monitor.close)
         metrics.mark_process_dead()
+
+    monitor = Monitor(settings) if settings.monitor_enabled else None  # service/monitor (docs/monitoring.md)
 
     app = KilnApp(title="Kiln", version=__version__, lifespan=lifespan,
                   description="Open Inference Protocol (KServe v2) server for compiled, verified models.")
@@ -203,13 +208,26 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
         return json_response(repo.get(model, version).triton_config())
 
     # -- inference -----------------------------------------------------------------------------
-    app.infer_route = InferRoute(repo, settings.max_body_bytes, settings.request_timeout_s)
+    app.infer_route = InferRoute(repo, settings.max_body_bytes, settings.request_timeout_s, monitor)
+    app.state.monitor = monitor
 
     @app.post("/v2/models/{model}/infer")
     @app.post("/v2/models/{model}/versions/{version}/infer")
     async def infer(request: Request, model: str, version: str | None = None):
         """Declared for /openapi.json only: every infer request is answered by `InferRoute`."""
         raise NotFound(f"no such endpoint: POST {request.url.path}")
+
+    # -- feedback (service/monitor) --------------------------------------------------------------
+    @app.post("/v2/models/{model}/feedback")
+    @app.post("/v2/models/{model}/versions/{version}/feedback")
+    async def feedback(request: Request, model: str, version: str | None = None):
+        """Ground truth for served predictions, joined by request id: `{"id": ..., "label": ...}` or a
+        list of them (docs/monitoring.md). Updates kiln_live_accuracy / kiln_live_mae."""
+        mv = repo.get(model, version)
+        body = await read_body(request, settings.max_body_bytes)
+        if monitor is None:
+            raise InvalidInput("monitoring is off on this server (KILN_MONITOR_ENABLED=false)")
+        return json_response(await monitor.feedback(mv, body))
 
     # -- repository extension ------------------------------------------------------------------
     @app.post("/v2/repository/index")

@@ -41,7 +41,7 @@ def route_group(method: str, path: str) -> str:
         return "docs"
     if path.startswith("/v2/repository/"):
         return "repository"
-    if path.startswith("/v2/models/") and path.endswith("/infer"):
+    if path.startswith("/v2/models/") and path.endswith(("/infer", "/feedback")):  # feedback: infer's scope
         return "infer"
     if path == "/v2" or path.startswith("/v2/models"):
         return "metadata"

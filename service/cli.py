@@ -53,6 +53,10 @@ def serve(
     ssl_keyfile: Optional[Path] = typer.Option(None, "--ssl-keyfile", help="TLS private key, PEM (env KILN_SSL_KEYFILE)."),
     auth_tokens_file: Optional[Path] = typer.Option(None, "--auth-tokens-file",
                                                     help="Bearer tokens file (env KILN_AUTH_TOKENS_FILE)."),
+    monitor_sample_rate: Optional[float] = typer.Option(
+        None, "--monitor-sample-rate", min=0.0, max=1.0,
+        help="Share of requests captured for monitoring (env KILN_MONITOR_SAMPLE_RATE; default 0.01; a model's "
+             "monitor.sample_rate overrides it). See docs/monitoring.md."),
     workers: int = typer.Option(1, "--workers", "-w", min=1, envvar="KILN_WORKERS",
                                 help="Worker processes sharing the port (env KILN_WORKERS). Each loads every model; "
                                      "/metrics merges them (prometheus-client multiprocess mode)."),
@@ -82,7 +86,8 @@ def serve(
                                        cache_dir=cache_dir,
                                        models=models, log_level=log_level, log_format=log_format,
                                        ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
-                                       auth_tokens_file=auth_tokens_file).items() if v is not None}
+                                       auth_tokens_file=auth_tokens_file,
+                                       monitor_sample_rate=monitor_sample_rate).items() if v is not None}
     settings = Settings(**overrides)
     logs.setup(settings.log_level, settings.log_format)
     if bool(settings.ssl_certfile) != bool(settings.ssl_keyfile):

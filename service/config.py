@@ -165,6 +165,47 @@ class LimitsSpec(_Strict):
     timeout_ms: float | None = Field(None, gt=0)
 
 
+class DriftSpec(_Strict):
+    """Input / prediction drift against the reference (docs/monitoring.md)."""
+
+    enabled: bool = True
+    # Share of requests whose rows enter the drift window (independent of capture's sample_rate).
+    sample_rate: float = Field(1.0, ge=0, le=1)
+    window: int = Field(250, ge=10, le=100_000)    # rows in the sliding window
+    every: int = Field(50, ge=1)                   # evaluate every this many new rows
+    p_value: float = Field(0.05, gt=0, lt=1)       # before the Bonferroni correction
+    psi_bins: int = Field(10, ge=2, le=100)
+    max_features: int = Field(64, ge=1, le=4096)   # larger inputs: this many evenly spaced elements
+
+    @model_validator(mode="after")
+    def _every_within_window(self) -> "DriftSpec":
+        if self.every > self.window:
+            raise ValueError(f"every ({self.every}) must not exceed window ({self.window})")
+        return self
+
+
+class FeedbackSpec(_Strict):
+    window: int = Field(1000, ge=1, le=1_000_000)  # labelled rows behind kiln_live_accuracy / kiln_live_mae
+    # Labels for predictions older than this are 'late': stored, not counted in the live window.
+    max_delay_s: float = Field(3600.0, gt=0)
+
+
+class MonitorSpec(_Strict):
+    """Traffic capture, feedback and drift for this model (docs/monitoring.md)."""
+
+    enabled: bool = True
+    # Share of requests captured (inputs, outputs, id, time, latency); None = the server's
+    # --monitor-sample-rate / KILN_MONITOR_SAMPLE_RATE.
+    sample_rate: float | None = Field(None, ge=0, le=1)
+    # .npz drift reference (one array per input name); default verify.samples, then accuracy.dataset.
+    reference: str | None = None
+    # What feedback labels are: class indices (top-1 accuracy) or values (MAE); auto: by the output shape.
+    task: Literal["auto", "classification", "regression"] = "auto"
+    output: str | None = None  # the output the feedback is joined with (default: the first)
+    drift: DriftSpec = Field(default_factory=DriftSpec)
+    feedback: FeedbackSpec = Field(default_factory=FeedbackSpec)
+
+
 class VersionPolicy(_Strict):
     latest: int | None = Field(1, ge=1)
     all: bool = False
@@ -196,6 +237,8 @@ class ModelConfig(_Strict):
     labels: str | None = None
     # Request limits: max elements per input, NaN/Inf policy, default timeout.
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
+    # Traffic capture, feedback / live accuracy and drift (service/monitor/).
+    monitor: MonitorSpec = Field(default_factory=MonitorSpec)
 
     @field_validator("name")
     @classmethod

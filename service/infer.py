@@ -67,9 +67,10 @@ class InferCore:
     `decode` (its wire format → InferRequest, given the model) and `encode` (outputs → its reply);
     errors come back as KilnError for the transport to word (an HTTP status, a gRPC code)."""
 
-    def __init__(self, repo: ModelRepository, timeout_s: float):
+    def __init__(self, repo: ModelRepository, timeout_s: float, monitor=None):
         self.repo = repo
         self.timeout_s = timeout_s
+        self.monitor = monitor  # service/monitor: capture, feedback index, drift (None = off)
 
     async def run(self, mv: ModelVersion, protocol: str, decode: Callable[[ModelVersion], InferRequest],
                   encode: Callable[[ModelVersion, InferRequest, list[tuple[str, Any, bool]]], T], start: float) -> T:
@@ -89,6 +90,8 @@ class InferCore:
                 for name, binary, k in outputs_wanted
             ])
             end = time.perf_counter()
+            if self.monitor is not None:  # an O(1) hand-off (service/monitor/hub.py); never fails the request
+                self.monitor.observe(mv, req.id, req.inputs, result, start)
             outcome, rows = "success", _batch(mv, req.inputs)
             phases = (decoded - start, queue_s, compute_s, end - computed, end - start)
             return reply
@@ -109,11 +112,11 @@ class InferCore:
 class InferRoute:
     """The HTTP transport of the infer core: body → decode (orjson / frombuffer) → InferCore → encode (orjson)."""
 
-    def __init__(self, repo: ModelRepository, body_limit: int, timeout_s: float):
+    def __init__(self, repo: ModelRepository, body_limit: int, timeout_s: float, monitor=None):
         self.repo = repo
         self.body_limit = body_limit
         self.timeout_s = timeout_s
-        self.core = InferCore(repo, timeout_s)
+        self.core = InferCore(repo, timeout_s, monitor)
 
     def refuse(self, model: str, version: str | None, exc: KilnError | None) -> Reply | None:
         """Count a request refused before it reached the route (body too large → its reply; client

@@ -214,7 +214,13 @@ def mark_process_dead() -> None:
         multiprocess.mark_process_dead(os.getpid())
 
 
+# Called with (model, version) when a model version is unloaded (service/monitor drops its series).
+FORGET_HOOKS: list = []
+
+
 def forget_model(model: str, version: str) -> None:
+    for hook in list(FORGET_HOOKS):
+        hook(model, version)
     for key in [k for k in _children if k[:2] == (model, version)]:
         _children.pop(key).flush()
     for metric in (MODEL_STATE, PARITY, PARITY_VERIFIED):

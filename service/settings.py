@@ -82,6 +82,23 @@ class Settings(BaseSettings):
     # one; when none is idle the newcomer gets 503. 0 = what RLIMIT_NOFILE leaves at startup.
     max_connections: int = Field(0, ge=0)
 
+    # -- monitoring (docs/monitoring.md) ------------------------------------------------------------
+    # Share of each model's requests captured (a model's monitor.sample_rate overrides it).
+    monitor_sample_rate: float = Field(0.01, ge=0, le=1)
+    # Off = no capture, feedback, drift for any model.
+    monitor_enabled: bool = True
+    # Capture store (SQLite); default <cache_dir>/monitor. Bounded on disk by monitor_max_bytes.
+    monitor_dir: Path | None = None
+    monitor_max_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024)
+    # Requests waiting for the background worker; beyond it samples are dropped (and counted).
+    monitor_queue_size: int = Field(8192, ge=1)
+    # Recent predictions kept (any request, sampled or not) for joining feedback by request id.
+    monitor_recent_predictions: int = Field(100_000, ge=1)
+    # CloudEvents (KServe payload-logger format) of captured requests and responses to this URL.
+    monitor_sink_url: str | None = None
+    monitor_sink_buffer: int = Field(1024, ge=1)
+    monitor_sink_retries: int = Field(3, ge=0, le=20)
+
 
 # File descriptors kept free under RLIMIT_NOFILE for what the server opens after startup (model
 # files, the metrics directory, a repository reload) when KILN_MAX_CONNECTIONS is automatic.

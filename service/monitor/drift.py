@@ -1,0 +1,179 @@
+"""Input and prediction drift: a sliding window of live rows against a reference sample.
+
+Per input feature (a flattened input element): the two-sample Kolmogorov–Smirnov statistic and its
+p-value, and the population stability index (PSI); the verdict is alibi-detect's KSDrift rule,
+drift when the smallest p-value is below `p_value / tests` (Bonferroni). For classifiers the
+predicted-class histogram of the window is compared with the reference's predictions
+(chi-square test of homogeneity, and PSI), and counts as one more test in the correction.
+
+The KS statistic is computed here (the reference sorted once), the p-value with SciPy's
+asymptotic distribution of the two-sided statistic (`scipy.stats.kstwo`), exactly as
+`scipy.stats.ks_2samp(..., method="asymp")` does: tests/test_monitor_drift.py checks both.
+Memory is bounded: the reference (rows × features) and a ring buffer of `window` rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import stats
+
+PSI_EPS = 1e-4  # empty bins: a proportion of 0 would make PSI infinite
+
+
+def ks_2samp(window: np.ndarray, reference_sorted: np.ndarray) -> tuple[float, float]:
+    """Two-sided two-sample KS statistic and asymptotic p-value of one feature."""
+    data1 = np.sort(window)
+    data2 = reference_sorted
+    n1, n2 = len(data1), len(data2)
+    data_all = np.concatenate([data1, data2])
+    cdf1 = np.searchsorted(data1, data_all, side="right") / n1
+    cdf2 = np.searchsorted(data2, data_all, side="right") / n2
+    diff = cdf1 - cdf2
+    d = float(max(np.clip(-diff.min(), 0, 1), diff.max()))
+    m, n = sorted([float(n1), float(n2)], reverse=True)
+    p = float(np.clip(stats.kstwo.sf(d, np.round(m * n / (m + n))), 0, 1))
+    return d, p
+
+
+def psi_edges(reference: np.ndarray, bins: int) -> np.ndarray:
+    """Inner bin edges at the reference's quantiles (ties merged, so discrete features get fewer bins)."""
+    edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]))
+    return edges
+
+
+def proportions(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    counts = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
+    return counts / max(1, len(values))
+
+
+def psi(live: np.ndarray, expected: np.ndarray) -> float:
+    """Population stability index of two proportion vectors: sum((a - e) * ln(a / e))."""
+    a = np.clip(live, PSI_EPS, None)
+    e = np.clip(expected, PSI_EPS, None)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+@dataclass
+class DriftResult:
+    """One evaluation of the window."""
+
+    rows: int                       # rows in the window
+    features: list[str]
+    ks: np.ndarray                  # per feature
+    p_values: np.ndarray            # per feature
+    psi: np.ndarray                 # per feature
+    threshold: float                # Bonferroni-corrected p-value threshold
+    class_chi2: float | None = None
+    class_p_value: float | None = None
+    class_psi: float | None = None
+    detected: bool = False
+    drifted: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        worst = np.argsort(self.p_values, kind="stable")[:10]
+        out = {"threshold": self.threshold, "drifted": self.drifted[:50],
+               "worst": [{"input": self.features[i], "ks": float(self.ks[i]), "p_value": float(self.p_values[i]),
+                          "psi": float(self.psi[i])} for i in worst]}
+        if self.class_p_value is not None:
+            out["predicted_class"] = {"chi2": self.class_chi2, "p_value": self.class_p_value, "psi": self.class_psi}
+        return out
+
+
+class DriftDetector:
+    """Sliding window of the last `window` rows; evaluated every `every` new rows (once the window
+    holds at least `every` rows). Not thread-safe: one owner (the monitor's worker thread)."""
+
+    def __init__(self, reference: np.ndarray, features: list[str], *, window: int = 250, every: int = 50,
+                 p_value: float = 0.05, bins: int = 10, reference_classes: np.ndarray | None = None,
+                 n_classes: int | None = None):
+        reference = np.asarray(reference, dtype=np.float64)
+        if reference.ndim != 2 or reference.shape[1] != len(features) or len(reference) < 2:
+            raise ValueError(f"reference must be rows x {len(features)} features with at least 2 rows, "
+                             f"got shape {list(reference.shape)}")
+        if not 1 <= every <= window:
+            raise ValueError(f"drift: every ({every}) must be between 1 and window ({window})")
+        self.features = features
+        self.window, self.every, self.p_value = window, every, p_value
+        self.reference_sorted = np.sort(reference, axis=0)
+        self.edges = [psi_edges(reference[:, j], bins) for j in range(reference.shape[1])]
+        self.expected = [proportions(reference[:, j], e) for j, e in enumerate(self.edges)]
+        self.n_classes = n_classes
+        self.reference_classes = None
+        if reference_classes is not None and n_classes:
+            self.reference_classes = np.bincount(np.asarray(reference_classes, dtype=np.int64), minlength=n_classes)
+        self._rows = np.zeros((window, len(features)), dtype=np.float64)
+        self._classes = np.zeros(window, dtype=np.int64)
+        self._filled = 0      # rows in the ring (≤ window)
+        self._next = 0        # where the next row goes
+        self._since = 0       # rows added since the last evaluation
+        self.seen = 0
+
+    def add(self, rows: np.ndarray, classes: np.ndarray | None = None) -> DriftResult | None:
+        """Append rows (n × features) and their predicted classes; the evaluation when one is due."""
+        rows = np.asarray(rows, dtype=np.float64).reshape(len(rows), -1)
+        result = None
+        pos = 0
+        while pos < len(rows):  # an evaluation lands every `every` rows, whatever the batch sizes
+            take = min(len(rows) - pos, self.every - self._since)
+            self._push(rows[pos:pos + take], None if classes is None else classes[pos:pos + take])
+            pos += take
+            if self._since >= self.every:
+                result = self.evaluate()
+        return result
+
+    def _push(self, rows: np.ndarray, classes: np.ndarray | None) -> None:
+        idx = (self._next + np.arange(len(rows))) % self.window
+        self._rows[idx] = rows
+        if classes is not None:
+            self._classes[idx] = classes
+        self._next = (self._next + len(rows)) % self.window
+        self._filled = min(self.window, self._filled + len(rows))
+        self._since += len(rows)
+        self.seen += len(rows)
+
+    def window_rows(self) -> np.ndarray:
+        """The window's rows, oldest first."""
+        if self._filled < self.window:
+            return self._rows[:self._filled].copy()
+        return np.concatenate([self._rows[self._next:], self._rows[:self._next]])
+
+    def window_classes(self) -> np.ndarray:
+        if self._filled < self.window:
+            return self._classes[:self._filled].copy()
+        return np.concatenate([self._classes[self._next:], self._classes[:self._next]])
+
+    def evaluate(self) -> DriftResult:
+        self._since = 0
+        rows = self.window_rows()
+        nf = len(self.features)
+        ks, pv, ps = np.zeros(nf), np.ones(nf), np.zeros(nf)
+        for j in range(nf):
+            ks[j], pv[j] = ks_2samp(rows[:, j], self.reference_sorted[:, j])
+            ps[j] = psi(proportions(rows[:, j], self.edges[j]), self.expected[j])
+        tests = nf + (1 if self.reference_classes is not None else 0)
+        threshold = self.p_value / tests
+        result = DriftResult(len(rows), self.features, ks, pv, ps, threshold)
+        if self.reference_classes is not None:
+            live = np.bincount(self.window_classes(), minlength=self.n_classes)[:self.n_classes]
+            table = np.stack([live, self.reference_classes])
+            table = table[:, table.sum(axis=0) > 0]
+            if table.shape[1] > 1:
+                chi2, p, _, _ = stats.chi2_contingency(table)
+                result.class_chi2, result.class_p_value = float(chi2), float(p)
+            else:
+                result.class_chi2, result.class_p_value = 0.0, 1.0
+            result.class_psi = psi(live / max(1, live.sum()), self.reference_classes / self.reference_classes.sum())
+        result.drifted = [self.features[j] for j in np.flatnonzero(pv < threshold)]
+        result.detected = bool(result.drifted) or (result.class_p_value is not None
+                                                     and result.class_p_value < threshold)
+        return result
+
+
+def feature_index(shape: tuple[int, ...], max_features: int) -> np.ndarray:
+    """Which flattened elements of a row are features: all of them, or `max_features` evenly spaced."""
+    total = int(np.prod(shape)) if shape else 1
+    if total <= max_features:
+        return np.arange(total)
+    return np.unique(np.linspace(0, total - 1, max_features).round().astype(np.int64))

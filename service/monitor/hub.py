@@ -1,0 +1,389 @@
+"""The monitor: what the infer path hands over, and the background worker that does the rest.
+
+Request path (`Monitor.observe`, on the event loop, after the response is encoded): the
+prediction into the recent-predictions index (an OrderedDict insert), a random draw, and for a
+sampled request one append to a bounded deque — never a lock, a write or a wait. A full deque
+drops the sample and counts it (kiln_capture_samples_total{result="dropped"}).
+
+Worker thread (`kiln-monitor`): drains the deque every few ms into the drift windows
+(service/monitor/drift.py), the capture store (service/monitor/store.py) and the CloudEvents
+sink (service/monitor/sink.py). Feedback (`Monitor.feedback`) is joined on the event loop,
+against the same index the infer path writes, so it needs no lock either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from .. import metrics as server_metrics
+from ..errors import InvalidInput
+from ..logs import REQUEST, request_id as new_request_id
+from . import feedback as fb
+from . import metrics as mm_metrics
+from .drift import DriftDetector, DriftResult, feature_index
+from .store import CaptureStore, Sample
+
+log = logging.getLogger("kiln.monitor")
+
+POLL_S = 0.005            # the worker's sleep when its queue is empty
+BATCH = 512               # items the worker takes at once
+TICK_S = 2.0              # store size gauges, live-metric history
+INLINE_FEEDBACK = 256     # larger feedback bodies are scored in a thread, off the event loop
+PREDICTED_CLASS = "predicted_class"
+
+
+def _resolve(path: str, model_dir: Path) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else model_dir / p
+
+
+class ModelMonitor:
+    """One model version's monitoring: its rates, recent predictions, live quality and drift."""
+
+    def __init__(self, hub: "Monitor", mv):
+        cfg = mv.config.monitor
+        self.mv = mv
+        self.name, self.version = mv.name, mv.version
+        self.enabled = hub.enabled and cfg.enabled
+        self.sample_rate = cfg.sample_rate if cfg.sample_rate is not None else hub.sample_rate
+        self.batched = mv.config.max_batch_size > 0
+        names = [o.name for o in mv.outputs]
+        self.output = cfg.output if cfg.output in names else (names[0] if names else None)
+        spec = next((o for o in mv.outputs if o.name == self.output), None)
+        task = cfg.task
+        if task == "auto" and spec is not None and spec.shape and spec.shape[-1] != -1:
+            task = "classification" if spec.shape[-1] > 1 else "regression"
+        self.recent = fb.RecentPredictions(hub.recent_capacity)
+        self.quality = fb.LiveQuality(task, cfg.feedback.window, mv.labels, cfg.feedback.max_delay_s)
+        # Drift: which flattened elements of which inputs are features (fixed-shape numeric inputs).
+        dcfg = cfg.drift
+        self.drift_rate = dcfg.sample_rate if (self.enabled and dcfg.enabled) else 0.0
+        self.features: list[tuple[str, np.ndarray]] = []
+        for t in mv.inputs:
+            row_shape = tuple(t.shape[1:] if self.batched else t.shape)
+            if t.datatype in ("BYTES", "BOOL") or any(d < 0 for d in row_shape):
+                continue
+            self.features.append((t.name, feature_index(row_shape, dcfg.max_features)))
+        if not self.features:
+            self.drift_rate = 0.0
+        self.detector: DriftDetector | None = None
+        self._drift_state = "new"  # new | on | off (set by the worker)
+        self.drift_detected = False
+        self._last_live = 0.0
+        if self.enabled:
+            acc = mv.config.accuracy
+            if acc is not None and acc.min_accuracy is not None:
+                mm_metrics.LIVE_ACCURACY_MIN.labels(self.name, self.version).set(acc.min_accuracy)
+            self._stored = mm_metrics.CAPTURE_SAMPLES.labels(self.name, self.version, "stored")
+            self._dropped = mm_metrics.CAPTURE_SAMPLES.labels(self.name, self.version, "dropped")
+            self._stored.inc(0)
+            self._dropped.inc(0)
+
+    # -- request path -----------------------------------------------------------------------------
+    def drift_rows(self, inputs: dict[str, np.ndarray]) -> np.ndarray | None:
+        """The request's feature rows (a small copy, so no request buffer is held)."""
+        parts = []
+        for name, idx in self.features:
+            arr = inputs.get(name)
+            if arr is None:
+                return None
+            rows = arr.shape[0] if self.batched else 1
+            parts.append(arr.reshape(rows, -1)[:, idx])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+    # -- worker side ------------------------------------------------------------------------------
+    def _init_drift(self, store: CaptureStore | None) -> None:
+        """Load the reference (and, for classifiers, its predictions by the FP32 source)."""
+        self._drift_state = "off"
+        mv, cfg = self.mv, self.mv.config
+        path = cfg.monitor.reference or cfg.verify.samples or (cfg.accuracy.dataset if cfg.accuracy else None)
+        if path is None:
+            log.info("model %s v%s: no drift reference (monitor.reference, verify.samples or accuracy.dataset): "
+                     "drift is off", self.name, self.version)
+            return
+        from ..verify import load_npz_inputs, run_batched
+
+        try:
+            ref = load_npz_inputs(_resolve(path, mv.model_dir), mv.inputs)
+            n = len(next(iter(ref.values())))
+            parts, names = [], []
+            for name, idx in self.features:
+                parts.append(ref[name].reshape(n, -1)[:, idx].astype(np.float64))
+                names += [f"{name}[{int(i)}]" for i in idx]
+            rows = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+            classes = n_classes = None
+            if self.quality.task == "classification" and mv.sources:
+                from backends.reference import Reference
+
+                out = run_batched(Reference(mv.sources).infer, ref, cfg.max_batch_size)
+                pred = dict(zip([o.name for o in mv.outputs], out.values()))[self.output]
+                pred = pred.reshape(n, -1)
+                classes, n_classes = pred.argmax(axis=1), pred.shape[1]
+            d = cfg.monitor.drift
+            self.detector = DriftDetector(rows, names, window=d.window, every=d.every, p_value=d.p_value,
+                                          bins=d.psi_bins, reference_classes=classes, n_classes=n_classes)
+        except Exception as err:  # a bad reference turns drift off for this model, nothing else
+            log.warning("model %s v%s: drift reference %s unusable, drift is off: %s: %s", self.name, self.version,
+                        path, type(err).__name__, err)
+            return
+        self._drift_state = "on"
+        mm_metrics.DRIFT_DETECTED.labels(self.name, self.version).set(0)
+        log.info("model %s v%s: drift against %s (%d reference rows, %d features)", self.name, self.version, path,
+                 len(rows), len(names))
+
+    def feed_drift(self, rows: np.ndarray, outputs: dict[str, np.ndarray], store: CaptureStore | None) -> None:
+        if self._drift_state == "new":
+            self._init_drift(store)
+        if self._drift_state != "on":
+            return
+        classes = None
+        if self.detector.reference_classes is not None and self.output in outputs:
+            classes = outputs[self.output].reshape(len(rows), -1).argmax(axis=1)
+        result = self.detector.add(rows, classes)
+        if result is not None:
+            self._publish(result, store)
+
+    def _publish(self, r: DriftResult, store: CaptureStore | None) -> None:
+        m, v = self.name, self.version
+        for j, feature in enumerate(r.features):
+            mm_metrics.DRIFT_STATISTIC.labels(m, v, feature, "ks").set(r.ks[j])
+            mm_metrics.DRIFT_STATISTIC.labels(m, v, feature, "psi").set(r.psi[j])
+            mm_metrics.DRIFT_P_VALUE.labels(m, v, feature, "ks").set(r.p_values[j])
+        if r.class_p_value is not None:
+            mm_metrics.DRIFT_STATISTIC.labels(m, v, PREDICTED_CLASS, "chi2").set(r.class_chi2)
+            mm_metrics.DRIFT_STATISTIC.labels(m, v, PREDICTED_CLASS, "psi").set(r.class_psi)
+            mm_metrics.DRIFT_P_VALUE.labels(m, v, PREDICTED_CLASS, "chi2").set(r.class_p_value)
+        mm_metrics.DRIFT_DETECTED.labels(m, v).set(1 if r.detected else 0)
+        if r.detected != self.drift_detected:
+            self.drift_detected = r.detected
+            if r.detected:
+                log.warning("model %s v%s: drift detected over the last %d rows: %s%s", m, v, r.rows,
+                            ", ".join(r.drifted[:8]) or PREDICTED_CLASS, "…" if len(r.drifted) > 8 else "")
+            else:
+                log.info("model %s v%s: no drift over the last %d rows", m, v, r.rows)
+        if store is not None:
+            store.add_drift(m, v, time.time(), r.rows, r.detected, float(r.p_values.min()), float(r.ks.max()),
+                            float(r.psi.max()), r.summary())
+
+
+class Monitor:
+    """Server-wide: settings, the model monitors, the hand-off queue, the worker, store and sink."""
+
+    def __init__(self, settings):
+        self.enabled = settings.monitor_enabled
+        self.sample_rate = settings.monitor_sample_rate
+        self.recent_capacity = settings.monitor_recent_predictions
+        self.queue_size = settings.monitor_queue_size
+        self._queue: deque = deque()
+        self._models: dict[tuple[str, str], ModelMonitor] = {}
+        self._random = random.random
+        self.store: CaptureStore | None = None
+        self.sink = None
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        if not self.enabled:
+            return
+        folder = settings.monitor_dir or (Path(settings.cache_dir) / "monitor")
+        self.store = CaptureStore(folder, settings.monitor_max_bytes)
+        if settings.monitor_sink_url:
+            from .sink import CloudEventSink
+
+            self.sink = CloudEventSink(settings.monitor_sink_url, buffer=settings.monitor_sink_buffer,
+                                       retries=settings.monitor_sink_retries, on_result=self._event_result)
+        server_metrics.FORGET_HOOKS.append(self.forget)
+        self._thread = threading.Thread(target=self._run, name="kiln-monitor", daemon=True)
+        self._thread.start()
+        log.info("monitoring: capture %.4g of requests into %s (cap %d bytes)%s", self.sample_rate, self.store.path,
+                 settings.monitor_max_bytes, f", CloudEvents to {settings.monitor_sink_url}" if self.sink else "")
+
+    # -- model monitors -------------------------------------------------------------------------
+    def for_model(self, mv) -> ModelMonitor:
+        key = (mv.name, mv.version)
+        mon = self._models.get(key)
+        if mon is None or mon.mv is not mv:  # first request, or the model was reloaded
+            mon = self._models[key] = ModelMonitor(self, mv)
+        return mon
+
+    def forget(self, model: str, version: str) -> None:
+        self._models.pop((model, version), None)
+        mm_metrics.forget(model, version)
+
+    # -- the infer path ---------------------------------------------------------------------------
+    def observe(self, mv, request_id: str | None, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
+                start: float) -> None:
+        """One answered request. `request_id`: the v2 request's `id`, else the x-request-id."""
+        try:
+            mon = self._models.get((mv.name, mv.version))
+            if mon is None or mon.mv is not mv:
+                mon = self.for_model(mv)
+            if not mon.enabled:
+                return
+            if not request_id:  # no v2 id (gRPC sends ""): the id Kiln assigned (x-request-id)
+                ctx = REQUEST.get()
+                request_id = ctx[0] if ctx is not None else new_request_id(None)
+            now = time.time()
+            if mon.output is not None and mon.output in outputs:
+                mon.recent.put(request_id, outputs[mon.output], now)
+            capture = mon.sample_rate > 0 and self._random() < mon.sample_rate
+            drift = None
+            if mon.drift_rate >= 1.0 or (mon.drift_rate > 0 and self._random() < mon.drift_rate):
+                drift = mon.drift_rows(inputs)
+            if not capture and drift is None:
+                return
+            if len(self._queue) >= self.queue_size:
+                if capture:
+                    mon._dropped.inc()
+                return
+            self._queue.append((mon, request_id, now, time.perf_counter() - start, inputs if capture else None,
+                                outputs, drift))
+        except Exception:  # monitoring must never fail a request
+            log.exception("monitor: observing a request of %s failed", mv.name)
+
+    # -- feedback ---------------------------------------------------------------------------------
+    async def feedback(self, mv, body: bytes) -> dict[str, Any]:
+        mon = self.for_model(mv)
+        if not mon.enabled:
+            raise InvalidInput(f"monitoring is off for model '{mv.name}' version {mv.version} "
+                               f"({'KILN_MONITOR_ENABLED=false' if not self.enabled else 'monitor.enabled: false'}): "
+                               "no predictions are kept to join feedback with")
+        items = fb.parse(body)
+        now = time.time()
+        if len(items) > INLINE_FEEDBACK:
+            joined = await asyncio.to_thread(mon.quality.join, mon.recent, items, now)
+        else:
+            joined = mon.quality.join(mon.recent, items, now)
+        mon.quality.apply(mon.recent, joined)
+        counts = {"joined": 0, "late": 0, "unmatched": 0, "duplicate": 0}
+        for j in joined:
+            counts[j.result] += 1
+        for result, c in counts.items():
+            child = mm_metrics.FEEDBACK.labels(mv.name, mv.version, result)
+            child.inc(c)
+        value, n = mon.quality.value(), mon.quality.n
+        metric = mon.quality.metric
+        if value is not None:
+            (mm_metrics.LIVE_ACCURACY if metric == "top1" else mm_metrics.LIVE_MAE).labels(mv.name, mv.version).set(value)
+        mm_metrics.LIVE_LABELS.labels(mv.name, mv.version).set(n)
+        if len(self._queue) < self.queue_size:
+            self._queue.append(("labels", [(mv.name, mv.version, j.request_id, now, j.label) for j in joined]))
+            if value is not None and now - mon._last_live >= 1.0:
+                mon._last_live = now
+                self._queue.append(("live", mv.name, mv.version, now, metric, value, n))
+        return {"model_name": mv.name, "model_version": mv.version, **counts,
+                "unmatched_ids": [j.request_id for j in joined if j.result == "unmatched"][:100],
+                "live": {"metric": metric, "value": value, "rows": n, "window": mon.quality.window}}
+
+    # -- worker -----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        last_tick = 0.0
+        while True:
+            queue = self._queue
+            if queue:
+                batch = [queue.popleft() for _ in range(min(BATCH, len(queue)))]
+                try:
+                    self._process(batch)
+                except Exception:
+                    log.exception("monitor worker: a batch of %d item(s) failed", len(batch))
+            elif self._stop:
+                return
+            else:
+                time.sleep(POLL_S)
+            now = time.monotonic()
+            if now - last_tick >= TICK_S:
+                last_tick = now
+                self._tick()
+
+    def _process(self, batch: list) -> None:
+        samples: list[tuple[ModelMonitor, Sample]] = []
+        labels: list = []
+        for item in batch:
+            head = item[0]
+            if head == "labels":
+                labels += item[1]
+            elif head == "live":
+                self.store.add_live(*item[1:])
+            else:
+                mon, rid, when, latency, inputs, outputs, drift = item
+                if drift is not None:
+                    try:
+                        mon.feed_drift(drift, outputs, self.store)
+                    except Exception:
+                        log.exception("monitor: drift of %s v%s failed", mon.name, mon.version)
+                if inputs is not None:
+                    samples.append((mon, Sample(mon.name, mon.version, rid, when, latency, dict(inputs),
+                                                dict(outputs))))
+        if samples:
+            try:
+                _, evicted = self.store.insert(s for _, s in samples)
+            except Exception:
+                log.exception("monitor: writing %d captured sample(s) failed", len(samples))
+                for mon, _ in samples:
+                    mm_metrics.CAPTURE_SAMPLES.labels(mon.name, mon.version, "failed").inc()
+            else:
+                for mon, _ in samples:
+                    mon._stored.inc()
+                for model, version in evicted:
+                    mm_metrics.CAPTURE_SAMPLES.labels(model, version, "evicted").inc()
+                if self.sink is not None:
+                    for _, s in samples:
+                        self.sink.submit(s.model, s.version, s.request_id, s.time, *cloudevent_bodies(s))
+        if labels:
+            self.store.add_labels(labels)
+
+    def _tick(self) -> None:
+        try:
+            sizes = self.store.bytes_by_model()
+        except Exception:
+            log.exception("monitor: reading the store size failed")
+            return
+        for (model, version), mon in list(self._models.items()):
+            if mon.enabled:
+                mm_metrics.CAPTURE_BYTES.labels(model, version).set(sizes.get((model, version), 0))
+
+    def _event_result(self, model: str, version: str, result: str) -> None:
+        mm_metrics.CAPTURE_EVENTS.labels(model, version, result).inc()
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until the worker has taken everything queued so far (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while self._queue and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+
+    def close(self) -> None:
+        if self._thread is None:
+            return
+        self.flush()
+        self._stop = True
+        self._thread.join(10)
+        if self.sink is not None:
+            self.sink.close()
+        self.store.close()
+        if self.forget in server_metrics.FORGET_HOOKS:
+            server_metrics.FORGET_HOOKS.remove(self.forget)
+
+
+def cloudevent_bodies(s: Sample) -> tuple[bytes, bytes]:
+    """The v2 request and response JSON of a captured sample (the CloudEvents' data)."""
+    from ..protocol import encode_response
+
+    inputs = []
+    for name, arr in s.inputs.items():
+        from backends.datatypes import v2_datatype
+
+        datatype = v2_datatype(arr.dtype)
+        data = ([b.decode("utf-8", "replace") if isinstance(b, bytes) else str(b) for b in arr.reshape(-1)]
+                if datatype == "BYTES" else np.ascontiguousarray(arr).reshape(-1))
+        inputs.append({"name": name, "datatype": datatype, "shape": list(arr.shape), "data": data})
+    request = orjson.dumps({"id": s.request_id, "inputs": inputs}, option=orjson.OPT_SERIALIZE_NUMPY)
+    response, _ = encode_response(s.model, s.version, s.request_id, [(k, v, False) for k, v in s.outputs.items()])
+    return request, response

@@ -1,0 +1,262 @@
+"""The capture store: one SQLite file, bounded in bytes on disk, oldest samples out first.
+
+Why SQLite (stdlib `sqlite3`) rather than Parquet: samples arrive one at a time from a background
+thread and are evicted oldest-first under a byte cap; SQLite does both with a transaction and a
+DELETE and reuses the freed pages in place, where Parquet files are immutable (eviction rewrites
+files) and would add pyarrow to the serving core. Analysts open it with the `sqlite3` shell,
+pandas (`read_sql`), DuckDB or DB Browser; tensors are `.npy` blobs (`numpy.load(io.BytesIO(b))`),
+metadata JSON text.
+
+Tables:
+  samples(id, model, version, request_id, time, latency_s, bytes, meta)     one captured request
+  tensors(sample_id, role, name, npy)     role: input | output; one row per tensor
+  labels(id, model, version, request_id, time, npy)                          feedback received
+  drift(id, model, version, time, rows, detected, min_p_value, max_ks, max_psi, detail)
+  live(id, model, version, time, metric, value, n)                           live accuracy / MAE
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+FILENAME = "capture.sqlite"
+# History tables (drift, live) keep at most this many rows per model version.
+HISTORY_ROWS = 10_000
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS samples (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, version TEXT NOT NULL,
+    request_id TEXT NOT NULL, time REAL NOT NULL, latency_s REAL NOT NULL, bytes INTEGER NOT NULL,
+    meta TEXT NOT NULL DEFAULT '{}');
+CREATE INDEX IF NOT EXISTS samples_model ON samples (model, version, id);
+CREATE INDEX IF NOT EXISTS samples_request ON samples (request_id);
+CREATE TABLE IF NOT EXISTS tensors (
+    sample_id INTEGER NOT NULL REFERENCES samples (id) ON DELETE CASCADE, role TEXT NOT NULL,
+    name TEXT NOT NULL, npy BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS tensors_sample ON tensors (sample_id);
+CREATE TABLE IF NOT EXISTS labels (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, version TEXT NOT NULL,
+    request_id TEXT NOT NULL, time REAL NOT NULL, npy BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS labels_request ON labels (model, request_id);
+CREATE TABLE IF NOT EXISTS drift (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, version TEXT NOT NULL, time REAL NOT NULL,
+    rows INTEGER NOT NULL, detected INTEGER NOT NULL, min_p_value REAL, max_ks REAL, max_psi REAL,
+    detail TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE IF NOT EXISTS live (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, version TEXT NOT NULL, time REAL NOT NULL,
+    metric TEXT NOT NULL, value REAL NOT NULL, n INTEGER NOT NULL);
+"""
+
+
+def to_npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def from_npy(blob: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(blob), allow_pickle=False)
+
+
+@dataclass
+class Sample:
+    """One captured request, as the background worker writes it."""
+
+    model: str
+    version: str
+    request_id: str
+    time: float          # Unix seconds when the response was ready
+    latency_s: float     # server-side, body received → response encoded
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+
+
+@dataclass
+class StoredSample:
+    id: int
+    model: str
+    version: str
+    request_id: str
+    time: float
+    latency_s: float
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+    label: np.ndarray | None
+
+
+class CaptureStore:
+    """SQLite at `folder/capture.sqlite`, bounded: its files on disk (database + WAL) stay under
+    `max_bytes`. Writes come from one thread (the capture worker); readers (CLI, tests) may open
+    the same file at the same time (WAL mode)."""
+
+    def __init__(self, folder: Path, max_bytes: int, readonly: bool = False):
+        self.folder = Path(folder)
+        self.path = self.folder / FILENAME
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        if readonly:
+            if not self.path.exists():
+                raise FileNotFoundError(f"no capture store at {self.path}")
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            page = self.db.execute("PRAGMA page_size").fetchone()[0]
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            # The WAL is checkpointed back into the database well before it adds much to the cap.
+            self._wal_limit = max(64 * 1024, max_bytes // 16)
+            self.db.execute(f"PRAGMA wal_autocheckpoint={max(8, self._wal_limit // page)}")
+            self.db.execute(f"PRAGMA journal_size_limit={self._wal_limit}")
+            self.db.executescript(SCHEMA)
+
+    # -- size ---------------------------------------------------------------------------------
+    def disk_bytes(self) -> int:
+        """Bytes of the store's files on disk (database, WAL, shared memory)."""
+        return sum(p.stat().st_size for p in self.folder.glob(FILENAME + "*") if p.exists())
+
+    def _used_bytes(self) -> int:
+        page = self.db.execute("PRAGMA page_size").fetchone()[0]
+        count = self.db.execute("PRAGMA page_count").fetchone()[0]
+        free = self.db.execute("PRAGMA freelist_count").fetchone()[0]
+        return (count - free) * page
+
+    def bytes_by_model(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            rows = self.db.execute("SELECT model, version, SUM(bytes) FROM samples GROUP BY model, version").fetchall()
+        return {(m, v): int(b or 0) for m, v, b in rows}
+
+    # -- writes (the capture worker) ------------------------------------------------------------
+    def insert(self, samples: Iterable[Sample]) -> tuple[int, list[tuple[str, str]]]:
+        """Write samples in one transaction, then evict the oldest until the files fit the cap.
+        Returns (rows written, (model, version) of each evicted sample)."""
+        n = 0
+        with self._lock:
+            self.db.execute("BEGIN")
+            try:
+                for s in samples:
+                    blobs = [("input", k, to_npy(v)) for k, v in s.inputs.items()]
+                    blobs += [("output", k, to_npy(v)) for k, v in s.outputs.items()]
+                    size = sum(len(b) for _, _, b in blobs)
+                    cur = self.db.execute(
+                        "INSERT INTO samples (model, version, request_id, time, latency_s, bytes) VALUES (?,?,?,?,?,?)",
+                        (s.model, s.version, s.request_id, s.time, s.latency_s, size))
+                    self.db.executemany("INSERT INTO tensors (sample_id, role, name, npy) VALUES (?,?,?,?)",
+                                        [(cur.lastrowid, role, name, blob) for role, name, blob in blobs])
+                    n += 1
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            evicted = self._evict()
+        return n, evicted
+
+    def _evict(self) -> list[tuple[str, str]]:
+        """Oldest samples out until the database (pages in use, plus the WAL) is under 80% of the
+        cap; freed pages are reused by the next inserts, so the file stops growing there."""
+        high, low = int(self.max_bytes * 0.85), int(self.max_bytes * 0.7)
+        wal = self.path.with_name(FILENAME + "-wal")
+        if self._used_bytes() + self._wal_size(wal) <= high and self._file_size() <= high:
+            return []
+        evicted: list[tuple[str, str]] = []
+        while self._used_bytes() > low:
+            rows = self.db.execute("SELECT id, model, version FROM samples ORDER BY id LIMIT 64").fetchall()
+            if not rows:
+                break
+            self.db.execute("BEGIN")
+            self.db.executemany("DELETE FROM samples WHERE id = ?", [(r[0],) for r in rows])
+            self.db.execute("COMMIT")
+            evicted += [(m, v) for _, m, v in rows]
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return evicted
+
+    def _file_size(self) -> int:
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    @staticmethod
+    def _wal_size(wal: Path) -> int:
+        return wal.stat().st_size if wal.exists() else 0
+
+    def add_labels(self, rows: Iterable[tuple[str, str, str, float, np.ndarray]]) -> None:
+        with self._lock:
+            self.db.execute("BEGIN")
+            self.db.executemany("INSERT INTO labels (model, version, request_id, time, npy) VALUES (?,?,?,?,?)",
+                                [(m, v, rid, t, to_npy(label)) for m, v, rid, t, label in rows])
+            self.db.execute("COMMIT")
+            self._trim("labels", None, None, limit=200_000)
+
+    def add_drift(self, model: str, version: str, time: float, rows: int, detected: bool, min_p: float,
+                  max_ks: float, max_psi: float, detail: dict[str, Any]) -> None:
+        with self._lock:
+            self.db.execute("INSERT INTO drift (model, version, time, rows, detected, min_p_value, max_ks, max_psi, detail)"
+                            " VALUES (?,?,?,?,?,?,?,?,?)",
+                            (model, version, time, rows, int(detected), min_p, max_ks, max_psi, json.dumps(detail)))
+            self._trim("drift", model, version)
+
+    def add_live(self, model: str, version: str, time: float, metric: str, value: float, n: int) -> None:
+        with self._lock:
+            self.db.execute("INSERT INTO live (model, version, time, metric, value, n) VALUES (?,?,?,?,?,?)",
+                            (model, version, time, metric, value, n))
+            self._trim("live", model, version)
+
+    def _trim(self, table: str, model: str | None, version: str | None, limit: int = HISTORY_ROWS) -> None:
+        where, args = ("WHERE model = ? AND version = ?", (model, version)) if model is not None else ("", ())
+        (count,) = self.db.execute(f"SELECT COUNT(*) FROM {table} {where}", args).fetchone()
+        if count > limit * 1.1:
+            self.db.execute(f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} {where} ORDER BY id LIMIT ?)",
+                            (*args, count - limit))
+
+    # -- reads (CLI, tests) -----------------------------------------------------------------------
+    def models(self) -> list[tuple[str, str, int]]:
+        with self._lock:
+            return self.db.execute("SELECT model, version, COUNT(*) FROM samples GROUP BY model, version "
+                                   "ORDER BY model, CAST(version AS INTEGER)").fetchall()
+
+    def samples(self, model: str, version: str | None = None, limit: int | None = None) -> Iterator[StoredSample]:
+        """Captured samples of a model (every version unless one is given), oldest first, each with
+        the last label received for its request id (None when no feedback came)."""
+        q = "SELECT id, model, version, request_id, time, latency_s FROM samples WHERE model = ?"
+        args: list[Any] = [model]
+        if version is not None:
+            q += " AND version = ?"
+            args.append(version)
+        q += " ORDER BY id"
+        if limit:
+            q += " LIMIT ?"
+            args.append(limit)
+        with self._lock:
+            rows = self.db.execute(q, args).fetchall()
+        for sid, m, v, rid, t, lat in rows:
+            with self._lock:
+                tensors = self.db.execute("SELECT role, name, npy FROM tensors WHERE sample_id = ?", (sid,)).fetchall()
+                label = self.db.execute("SELECT npy FROM labels WHERE model = ? AND request_id = ? ORDER BY id DESC "
+                                        "LIMIT 1", (m, rid)).fetchone()
+            ins = {n: from_npy(b) for role, n, b in tensors if role == "input"}
+            outs = {n: from_npy(b) for role, n, b in tensors if role == "output"}
+            yield StoredSample(sid, m, v, rid, t, lat, ins, outs, from_npy(label[0]) if label else None)
+
+    def drift_history(self, model: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self.db.execute("SELECT version, time, rows, detected, min_p_value, max_ks, max_psi, detail FROM drift "
+                                   "WHERE model = ? ORDER BY id", (model,)).fetchall()
+        keys = ("version", "time", "rows", "detected", "min_p_value", "max_ks", "max_psi", "detail")
+        return [dict(zip(keys, r[:-1]), detail=json.loads(r[-1])) for r in rows]
+
+    def live_history(self, model: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self.db.execute("SELECT version, time, metric, value, n FROM live WHERE model = ? ORDER BY id",
+                                   (model,)).fetchall()
+        return [dict(zip(("version", "time", "metric", "value", "n"), r)) for r in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
