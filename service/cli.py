@@ -326,6 +326,10 @@ def _register_optimize() -> None:
 
 _register_optimize()
 
+from .monitor.cli import app as _monitor_app  # noqa: E402 (kiln monitor export | report)
+
+app.add_typer(_monitor_app, name="monitor")
+
 
 def main() -> None:  # pragma: no cover
     app()

@@ -14,7 +14,9 @@ Memory is bounded: the reference (rows × features) and a ring buffer of `window
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 from scipy import stats
@@ -33,8 +35,16 @@ def ks_2samp(window: np.ndarray, reference_sorted: np.ndarray) -> tuple[float, f
     diff = cdf1 - cdf2
     d = float(max(np.clip(-diff.min(), 0, 1), diff.max()))
     m, n = sorted([float(n1), float(n2)], reverse=True)
-    p = float(np.clip(stats.kstwo.sf(d, np.round(m * n / (m + n))), 0, 1))
-    return d, p
+    return d, _kstwo_sf(d, float(np.round(m * n / (m + n))))
+
+
+@lru_cache(maxsize=65536)
+def _kstwo_sf(d: float, n: float) -> float:
+    """P(D_n >= d): SciPy's kstwo takes ~1 ms a value; D only takes values k / lcm(n1, n2), so
+    windows of one size repeat them (a constant feature is always 0, whose p-value is 1)."""
+    if d <= 0.0:
+        return 1.0
+    return float(np.clip(stats.kstwo.sf(d, n), 0, 1))
 
 
 def psi_edges(reference: np.ndarray, bins: int) -> np.ndarray:
@@ -73,7 +83,7 @@ class DriftResult:
 
     def summary(self) -> dict:
         worst = np.argsort(self.p_values, kind="stable")[:10]
-        out = {"threshold": self.threshold, "drifted": self.drifted[:50],
+        out = {"threshold": self.threshold, "drifted": self.drifted[:20], "n_drifted": len(self.drifted),
                "worst": [{"input": self.features[i], "ks": float(self.ks[i]), "p_value": float(self.p_values[i]),
                           "psi": float(self.psi[i])} for i in worst]}
         if self.class_p_value is not None:
@@ -87,7 +97,7 @@ class DriftDetector:
 
     def __init__(self, reference: np.ndarray, features: list[str], *, window: int = 250, every: int = 50,
                  p_value: float = 0.05, bins: int = 10, reference_classes: np.ndarray | None = None,
-                 n_classes: int | None = None):
+                 n_classes: int | None = None, min_interval_s: float = 0.0, clock=time.monotonic):
         reference = np.asarray(reference, dtype=np.float64)
         if reference.ndim != 2 or reference.shape[1] != len(features) or len(reference) < 2:
             raise ValueError(f"reference must be rows x {len(features)} features with at least 2 rows, "
@@ -96,6 +106,10 @@ class DriftDetector:
             raise ValueError(f"drift: every ({every}) must be between 1 and window ({window})")
         self.features = features
         self.window, self.every, self.p_value = window, every, p_value
+        # At most one evaluation per min_interval_s: under heavy traffic the window is tested about
+        # once a second, not every `every` rows (each test costs ~1 ms per feature of CPU).
+        self.min_interval_s, self.clock = min_interval_s, clock
+        self._last_eval = -float("inf")
         self.reference_sorted = np.sort(reference, axis=0)
         self.edges = [psi_edges(reference[:, j], bins) for j in range(reference.shape[1])]
         self.expected = [proportions(reference[:, j], e) for j, e in enumerate(self.edges)]
@@ -116,10 +130,11 @@ class DriftDetector:
         result = None
         pos = 0
         while pos < len(rows):  # an evaluation lands every `every` rows, whatever the batch sizes
-            take = min(len(rows) - pos, self.every - self._since)
+            need = self.every - self._since  # <= 0 while an evaluation waits for min_interval_s
+            take = len(rows) - pos if need <= 0 else min(len(rows) - pos, need)
             self._push(rows[pos:pos + take], None if classes is None else classes[pos:pos + take])
             pos += take
-            if self._since >= self.every:
+            if self._since >= self.every and self.clock() - self._last_eval >= self.min_interval_s:
                 result = self.evaluate()
         return result
 
@@ -146,6 +161,7 @@ class DriftDetector:
 
     def evaluate(self) -> DriftResult:
         self._since = 0
+        self._last_eval = self.clock()
         rows = self.window_rows()
         nf = len(self.features)
         ks, pv, ps = np.zeros(nf), np.ones(nf), np.zeros(nf)

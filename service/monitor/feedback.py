@@ -133,8 +133,9 @@ class LiveQuality:
             self.task = "classification" if output.reshape(rows, -1).shape[1] > 1 else "regression"
         return self.task
 
-    def score(self, output: np.ndarray, label: np.ndarray, where: str) -> np.ndarray:
-        """Per-row scores of a prediction against its label (1/0 correct, or mean abs error)."""
+    def score(self, output: np.ndarray, label: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per-row scores of a prediction against its label (1/0 correct, or mean abs error), and
+        the label as stored (class indices, or values shaped like the output)."""
         rows = output.shape[0] if output.ndim > 1 else 1
         task = self._task_for(output, rows)
         if task == "classification":
@@ -151,13 +152,14 @@ class LiveQuality:
             if flat.size != rows:
                 raise InvalidInput(f"{where}: {flat.size} label(s) for a prediction of {rows} row(s)")
             predicted = output.reshape(rows, -1).argmax(axis=1)
-            return (predicted == flat).astype(np.float64)
+            return (predicted == flat).astype(np.float64), flat.astype(np.int64)
         if label.dtype == object:
             raise InvalidInput(f"{where}: a regressor's label is numbers, not class names")
         if label.size != output.size:
             raise InvalidInput(f"{where}: label has {label.size} value(s), the prediction {output.size}")
-        err = np.abs(output.reshape(rows, -1).astype(np.float64) - label.reshape(rows, -1).astype(np.float64))
-        return err.mean(axis=1)
+        values = label.reshape(output.shape).astype(np.float64)
+        err = np.abs(output.reshape(rows, -1).astype(np.float64) - values.reshape(rows, -1))
+        return err.mean(axis=1), values
 
     def join(self, recent: RecentPredictions, items: list[tuple[str, np.ndarray]], now: float) -> list[Joined]:
         """Score every item without changing any state (a bad item fails the whole request)."""
@@ -169,7 +171,7 @@ class LiveQuality:
                 out.append(Joined(rid, label, None, "unmatched"))
                 continue
             output, when, labelled = entry
-            scores = self.score(output, label, f"feedback item {i} (id {rid!r})")
+            scores, label = self.score(output, label, f"feedback item {i} (id {rid!r})")
             if labelled or rid in seen:
                 out.append(Joined(rid, label, None, "duplicate"))
             elif now - when > self.max_delay_s:

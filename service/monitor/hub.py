@@ -131,7 +131,8 @@ class ModelMonitor:
                 classes, n_classes = pred.argmax(axis=1), pred.shape[1]
             d = cfg.monitor.drift
             self.detector = DriftDetector(rows, names, window=d.window, every=d.every, p_value=d.p_value,
-                                          bins=d.psi_bins, reference_classes=classes, n_classes=n_classes)
+                                          bins=d.psi_bins, reference_classes=classes, n_classes=n_classes,
+                                          min_interval_s=d.min_interval_s)
         except Exception as err:  # a bad reference turns drift off for this model, nothing else
             log.warning("model %s v%s: drift reference %s unusable, drift is off: %s: %s", self.name, self.version,
                         path, type(err).__name__, err)
@@ -275,7 +276,9 @@ class Monitor:
             (mm_metrics.LIVE_ACCURACY if metric == "top1" else mm_metrics.LIVE_MAE).labels(mv.name, mv.version).set(value)
         mm_metrics.LIVE_LABELS.labels(mv.name, mv.version).set(n)
         if len(self._queue) < self.queue_size:
-            self._queue.append(("labels", [(mv.name, mv.version, j.request_id, now, j.label) for j in joined]))
+            # Unmatched labels are not stored: without the prediction their meaning (class names, shape) is unknown.
+            self._queue.append(("labels", [(mv.name, mv.version, j.request_id, now, j.label) for j in joined
+                                           if j.result != "unmatched"]))
             if value is not None and now - mon._last_live >= 1.0:
                 mon._last_live = now
                 self._queue.append(("live", mv.name, mv.version, now, metric, value, n))
@@ -324,14 +327,18 @@ class Monitor:
                                                 dict(outputs))))
         if samples:
             try:
-                _, evicted = self.store.insert(s for _, s in samples)
+                _, evicted, too_large = self.store.insert(s for _, s in samples)
             except Exception:
                 log.exception("monitor: writing %d captured sample(s) failed", len(samples))
                 for mon, _ in samples:
                     mm_metrics.CAPTURE_SAMPLES.labels(mon.name, mon.version, "failed").inc()
             else:
-                for mon, _ in samples:
-                    mon._stored.inc()
+                skipped = {id(s) for s in too_large}
+                for mon, s in samples:
+                    (mon._dropped if id(s) in skipped else mon._stored).inc()
+                if too_large:
+                    log.warning("monitor: %d captured sample(s) larger than a quarter of KILN_MONITOR_MAX_BYTES "
+                                "not stored", len(too_large))
                 for model, version in evicted:
                     mm_metrics.CAPTURE_SAMPLES.labels(model, version, "evicted").inc()
                 if self.sink is not None:

@@ -93,35 +93,35 @@ class StoredSample:
 
 
 class CaptureStore:
-    """SQLite at `folder/capture.sqlite`, bounded: its files on disk (database + WAL) stay under
-    `max_bytes`. Writes come from one thread (the capture worker); readers (CLI, tests) may open
-    the same file at the same time (WAL mode)."""
+    """SQLite at `folder/capture.sqlite`, bounded: the file on disk stays under `max_bytes`.
+    Writes come from one thread (the capture worker); readers (CLI, tests) may open the same file
+    at the same time."""
 
     def __init__(self, folder: Path, max_bytes: int, readonly: bool = False):
         self.folder = Path(folder)
         self.path = self.folder / FILENAME
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
+        self._backlog: list[tuple[str, str]] = []  # samples evicted by history writes, reported by insert()
         if readonly:
             if not self.path.exists():
                 raise FileNotFoundError(f"no capture store at {self.path}")
-            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, timeout=10)
         else:
             self.folder.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            page = self.db.execute("PRAGMA page_size").fetchone()[0]
-            self.db.execute("PRAGMA journal_mode=WAL")
+            # A rollback journal, not WAL: WAL's -wal and -shm files would count against a small cap.
+            # Readers (kiln monitor, sqlite3, pandas) take short shared locks; the writer waits up
+            # to 10 s for them (the worker then falls behind, and a full queue drops samples).
+            self.db.execute("PRAGMA journal_mode=DELETE")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
-            # The WAL is checkpointed back into the database well before it adds much to the cap.
-            self._wal_limit = max(64 * 1024, max_bytes // 16)
-            self.db.execute(f"PRAGMA wal_autocheckpoint={max(8, self._wal_limit // page)}")
-            self.db.execute(f"PRAGMA journal_size_limit={self._wal_limit}")
+            self.db.execute("PRAGMA busy_timeout=10000")
             self.db.executescript(SCHEMA)
 
     # -- size ---------------------------------------------------------------------------------
     def disk_bytes(self) -> int:
-        """Bytes of the store's files on disk (database, WAL, shared memory)."""
+        """Bytes of the store's files on disk (the database, and its journal during a write)."""
         return sum(p.stat().st_size for p in self.folder.glob(FILENAME + "*") if p.exists())
 
     def _used_bytes(self) -> int:
@@ -136,55 +136,96 @@ class CaptureStore:
         return {(m, v): int(b or 0) for m, v, b in rows}
 
     # -- writes (the capture worker) ------------------------------------------------------------
-    def insert(self, samples: Iterable[Sample]) -> tuple[int, list[tuple[str, str]]]:
-        """Write samples in one transaction, then evict the oldest until the files fit the cap.
-        Returns (rows written, (model, version) of each evicted sample)."""
-        n = 0
+    def insert(self, samples: Iterable[Sample]) -> tuple[int, list[tuple[str, str]], list[Sample]]:
+        """Write samples in transactions of at most a tenth of the cap each, the oldest samples
+        evicted before each one so that the files never pass the cap. Returns (rows written,
+        (model, version) of each evicted sample, samples too large to keep: over a quarter of the cap)."""
+        n, too_large = 0, []
+        chunk: list[tuple[Sample, list[tuple[str, str, bytes]], int]] = []
+        size = 0
         with self._lock:
-            self.db.execute("BEGIN")
-            try:
-                for s in samples:
-                    blobs = [("input", k, to_npy(v)) for k, v in s.inputs.items()]
-                    blobs += [("output", k, to_npy(v)) for k, v in s.outputs.items()]
-                    size = sum(len(b) for _, _, b in blobs)
-                    cur = self.db.execute(
-                        "INSERT INTO samples (model, version, request_id, time, latency_s, bytes) VALUES (?,?,?,?,?,?)",
-                        (s.model, s.version, s.request_id, s.time, s.latency_s, size))
-                    self.db.executemany("INSERT INTO tensors (sample_id, role, name, npy) VALUES (?,?,?,?)",
-                                        [(cur.lastrowid, role, name, blob) for role, name, blob in blobs])
-                    n += 1
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            evicted = self._evict()
-        return n, evicted
+            evicted, self._backlog = self._backlog, []
+            for s in samples:
+                blobs = [("input", k, to_npy(v)) for k, v in s.inputs.items()]
+                blobs += [("output", k, to_npy(v)) for k, v in s.outputs.items()]
+                nbytes = sum(len(b) for _, _, b in blobs)
+                if nbytes > self.max_bytes // 4:
+                    too_large.append(s)
+                    continue
+                chunk.append((s, blobs, nbytes))
+                size += nbytes
+                if size >= self.max_bytes // 10:
+                    n += self._write(chunk, size, evicted)
+                    chunk, size = [], 0
+            if chunk:
+                n += self._write(chunk, size, evicted)
+        return n, evicted, too_large
 
-    def _evict(self) -> list[tuple[str, str]]:
-        """Oldest samples out until the database (pages in use, plus the WAL) is under 80% of the
-        cap; freed pages are reused by the next inserts, so the file stops growing there."""
-        high, low = int(self.max_bytes * 0.85), int(self.max_bytes * 0.7)
-        wal = self.path.with_name(FILENAME + "-wal")
-        if self._used_bytes() + self._wal_size(wal) <= high and self._file_size() <= high:
+    def _write(self, chunk, size: int, evicted: list[tuple[str, str]]) -> int:
+        evicted += self._evict(incoming=size)
+        self.db.execute("BEGIN")
+        try:
+            for s, blobs, nbytes in chunk:
+                cur = self.db.execute(
+                    "INSERT INTO samples (model, version, request_id, time, latency_s, bytes) VALUES (?,?,?,?,?,?)",
+                    (s.model, s.version, s.request_id, s.time, s.latency_s, nbytes))
+                self.db.executemany("INSERT INTO tensors (sample_id, role, name, npy) VALUES (?,?,?,?)",
+                                    [(cur.lastrowid, role, name, blob) for role, name, blob in blobs])
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return len(chunk)
+
+    def _evict(self, incoming: int = 0) -> list[tuple[str, str]]:
+        """Oldest rows out until the database's pages in use are under 70% of the
+        cap, once it passes 85%; freed pages are reused by the next inserts, so the file stops
+        growing there. Samples go first; the drift / live history (small rows) is trimmed when it
+        holds more than a fifth of what is in use, or when no sample is left."""
+        high, low = int(self.max_bytes * 0.85) - incoming, int(self.max_bytes * 0.7) - incoming
+        if self._used_bytes() <= high:
             return []
         evicted: list[tuple[str, str]] = []
-        while self._used_bytes() > low:
-            rows = self.db.execute("SELECT id, model, version FROM samples ORDER BY id LIMIT 64").fetchall()
-            if not rows:
-                break
-            self.db.execute("BEGIN")
-            self.db.executemany("DELETE FROM samples WHERE id = ?", [(r[0],) for r in rows])
-            self.db.execute("COMMIT")
-            evicted += [(m, v) for _, m, v in rows]
-        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        while (used := self._used_bytes()) > low:
+            if self._history_bytes() > used // 5 or not self._trim_samples(used - low, evicted):
+                if not self._trim_history():
+                    break
         return evicted
 
-    def _file_size(self) -> int:
-        return self.path.stat().st_size if self.path.exists() else 0
+    def _trim_samples(self, need: int, evicted: list[tuple[str, str]]) -> bool:
+        """Delete the oldest samples holding about `need` bytes of tensors (at least one)."""
+        ids, freed = [], 0
+        for sid, model, version, nbytes in self.db.execute("SELECT id, model, version, bytes FROM samples ORDER BY id"):
+            ids.append(sid)
+            evicted.append((model, version))
+            freed += nbytes + 200
+            if freed >= need:
+                break
+        if not ids:
+            return False
+        self.db.execute("BEGIN")
+        self.db.executemany("DELETE FROM samples WHERE id = ?", [(i,) for i in ids])
+        self.db.execute("COMMIT")
+        return True
 
-    @staticmethod
-    def _wal_size(wal: Path) -> int:
-        return wal.stat().st_size if wal.exists() else 0
+    def _history_bytes(self) -> int:
+        (drift,) = self.db.execute("SELECT COALESCE(SUM(LENGTH(detail)) + COUNT(*) * 96, 0) FROM drift").fetchone()
+        (live,) = self.db.execute("SELECT COUNT(*) * 64 FROM live").fetchone()
+        (labels,) = self.db.execute("SELECT COALESCE(SUM(LENGTH(npy)) + COUNT(*) * 64, 0) FROM labels").fetchone()
+        return drift + live + labels
+
+    def _trim_history(self) -> bool:
+        """The oldest tenth of each history table (labels, drift, live); False when all are empty."""
+        removed = 0
+        self.db.execute("BEGIN")
+        for table in ("labels", "drift", "live"):
+            (count,) = self.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()
+            if count:
+                cur = self.db.execute(f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} ORDER BY id LIMIT ?)",
+                                      (max(1, count // 10),))
+                removed += cur.rowcount
+        self.db.execute("COMMIT")
+        return removed > 0
 
     def add_labels(self, rows: Iterable[tuple[str, str, str, float, np.ndarray]]) -> None:
         with self._lock:
@@ -193,6 +234,7 @@ class CaptureStore:
                                 [(m, v, rid, t, to_npy(label)) for m, v, rid, t, label in rows])
             self.db.execute("COMMIT")
             self._trim("labels", None, None, limit=200_000)
+            self._backlog += self._evict(incoming=4096)
 
     def add_drift(self, model: str, version: str, time: float, rows: int, detected: bool, min_p: float,
                   max_ks: float, max_psi: float, detail: dict[str, Any]) -> None:
@@ -201,6 +243,7 @@ class CaptureStore:
                             " VALUES (?,?,?,?,?,?,?,?,?)",
                             (model, version, time, rows, int(detected), min_p, max_ks, max_psi, json.dumps(detail)))
             self._trim("drift", model, version)
+            self._backlog += self._evict(incoming=4096)
 
     def add_live(self, model: str, version: str, time: float, metric: str, value: float, n: int) -> None:
         with self._lock:

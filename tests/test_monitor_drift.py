@@ -1,0 +1,160 @@
+"""Drift statistics against independent implementations, and the detector's verdicts on fixed-seed streams."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from service.monitor.drift import DriftDetector, feature_index, ks_2samp, proportions, psi, psi_edges
+from service.monitor.feedback import LiveQuality, RecentPredictions, parse
+from service.errors import InvalidInput
+
+FEATURES = 12
+
+
+def _detector(ref, **kw):
+    return DriftDetector(ref, [f"x[{i}]" for i in range(ref.shape[1])], **kw)
+
+
+def test_ks_statistic_and_p_value_equal_scipy_on_the_same_windows():
+    rng = np.random.default_rng(1)
+    ref = np.concatenate([rng.normal(size=(300, 6)), rng.integers(0, 17, size=(300, 6)).astype(float)], axis=1)
+    det = _detector(ref, window=200, every=50)
+    checked = 0
+    for step in range(8):
+        live = np.concatenate([rng.normal(0.3 * step, 1, size=(50, 6)), rng.integers(0, 17, size=(50, 6))], axis=1)
+        result = det.add(live)
+        assert result is not None  # every 50 rows
+        window = det.window_rows()
+        assert len(window) == min(200, 50 * (step + 1)) == result.rows
+        for j in range(ref.shape[1]):
+            want = stats.ks_2samp(window[:, j], ref[:, j], method="asymp")
+            assert abs(result.ks[j] - want.statistic) <= 1e-9, (step, j)
+            assert abs(result.p_values[j] - want.pvalue) <= 1e-9, (step, j)
+            checked += 1
+    assert checked == 8 * 12
+    # Ties (the integer features) and a direct call, with the sorted reference as the detector keeps it.
+    d, p = ks_2samp(window[:, 7], np.sort(ref[:, 7]))
+    want = stats.ks_2samp(window[:, 7], ref[:, 7], method="asymp")
+    assert (abs(d - want.statistic), abs(p - want.pvalue)) <= (1e-9, 1e-9)
+
+
+def test_psi_equals_a_direct_computation():
+    rng = np.random.default_rng(2)
+    ref = rng.normal(size=(500, 3))
+    det = _detector(ref, window=100, every=100, bins=10)
+    live = rng.normal(0.5, 1.3, size=(100, 3))
+    result = det.add(live)
+    for j in range(3):
+        # Deciles of the reference as bin edges; np.histogram counts each bin half-open [a, b).
+        inner = np.quantile(ref[:, j], np.linspace(0, 1, 11)[1:-1])
+        edges = np.concatenate([[-np.inf], inner, [np.inf]])
+        e = np.histogram(ref[:, j], edges)[0] / len(ref)
+        a = np.histogram(live[:, j], edges)[0] / len(live)
+        e, a = np.clip(e, 1e-4, None), np.clip(a, 1e-4, None)
+        direct = float(np.sum((a - e) * np.log(a / e)))
+        assert result.psi[j] == pytest.approx(direct, abs=1e-12)
+    assert psi(np.array([0.5, 0.5]), np.array([0.5, 0.5])) == 0.0
+    # Discrete feature: tied quantiles merge into fewer bins.
+    edges = psi_edges(np.array([0.0] * 90 + [1.0] * 10), 10)
+    assert len(edges) <= 2 and np.all(np.diff(edges) > 0), edges
+    assert proportions(np.array([0.0, 0.0, 1.0, 2.0]), np.array([0.5, 1.5])).tolist() == [0.5, 0.25, 0.25]
+
+
+def _stream(seed: int, rows: int, shift: float, shifted: tuple[int, ...]):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, FEATURES))
+    x[:, list(shifted)] += shift
+    return x
+
+
+def test_a_one_std_shift_on_a_few_features_is_detected_within_500_rows_and_no_shift_is_not():
+    ref = np.random.default_rng(10).normal(size=(256, FEATURES))
+    quiet = _detector(ref)  # the defaults: window 250, every 50, p 0.05 Bonferroni
+    verdicts = [quiet.add(_stream(11, 50, 0.0, ())[i:i + 1]) for i in range(0, 1)]  # a single row: nothing due
+    assert verdicts == [None]
+    history = []
+    for seed in range(12, 22):  # 500 unshifted rows
+        r = quiet.add(_stream(seed, 50, 0.0, ()))
+        history.append(r.detected)
+    assert history == [False] * 10
+
+    shifted = _detector(ref)
+    shifted.add(_stream(30, 250, 0.0, ()))  # a full, clean window first
+    first = None
+    for i, seed in enumerate(range(31, 41)):  # then a sustained 1-std shift of 3 features
+        r = shifted.add(_stream(seed, 50, 1.0, (0, 4, 9)))
+        if r.detected and first is None:
+            first = 50 * (i + 1)
+        if first is not None:
+            assert r.detected, "a sustained shift stays detected"
+    assert first is not None and first <= 500, first
+    assert {"x[0]", "x[4]", "x[9]"} <= set(r.drifted)
+    assert set(r.drifted) <= {"x[0]", "x[4]", "x[9]"}
+
+
+def test_predicted_class_distribution_is_compared_with_the_reference_predictions():
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(400, 2))
+    ref_classes = rng.integers(0, 4, size=400)
+    det = _detector(ref, window=200, every=200, reference_classes=ref_classes, n_classes=4)
+    same = det.add(rng.normal(size=(200, 2)), rng.integers(0, 4, size=200))
+    assert same.class_p_value > 0.05 and not same.detected
+    table = np.stack([np.bincount(det.window_classes(), minlength=4), np.bincount(ref_classes, minlength=4)])
+    chi2, p, _, _ = stats.chi2_contingency(table)
+    assert (same.class_chi2, same.class_p_value) == (pytest.approx(chi2), pytest.approx(p))
+    skewed = det.add(rng.normal(size=(200, 2)), np.where(rng.random(200) < 0.8, 0, rng.integers(0, 4, size=200)))
+    assert skewed.detected and skewed.class_p_value < skewed.threshold and not skewed.drifted
+
+
+def test_feature_index_subsamples_large_inputs_evenly():
+    assert feature_index((1, 8, 8), 64).tolist() == list(range(64))
+    idx = feature_index((3, 224, 224), 64)
+    assert len(idx) == 64 and idx[0] == 0 and idx[-1] == 3 * 224 * 224 - 1 and np.all(np.diff(idx) > 0)
+
+
+def test_live_accuracy_and_mae_equal_offline_metrics_exactly():
+    rng = np.random.default_rng(4)
+    recent = RecentPredictions(10_000)
+    q = LiveQuality("auto", window=5000)
+    logits = rng.normal(size=(3000, 10)).astype(np.float32)
+    labels = rng.integers(0, 10, size=3000)
+    for i in range(3000):
+        recent.put(f"r{i}", logits[i:i + 1], 0.0)
+    joined = q.join(recent, [(f"r{i}", np.asarray(labels[i])) for i in range(3000)], now=1.0)
+    q.apply(recent, joined)
+    assert q.task == "classification" and q.metric == "top1"
+    assert q.value() == float(np.mean(np.argmax(logits, axis=1) == labels))
+    # A second label for the same request does not count twice.
+    again = q.join(recent, [("r0", np.asarray(labels[0]))], now=1.0)
+    assert again[0].result == "duplicate"
+
+    reg = LiveQuality("regression", window=1000)
+    recent = RecentPredictions(100)
+    pred = rng.normal(size=(50, 1, 2))
+    truth = rng.normal(size=(50, 1, 2))
+    for i in range(50):
+        recent.put(str(i), pred[i], 0.0)
+    reg.apply(recent, reg.join(recent, [(str(i), truth[i]) for i in range(50)], now=1.0))
+    assert reg.value() == float(np.mean(np.abs(pred - truth).reshape(50, -1).mean(axis=1)))
+
+
+def test_feedback_bodies_parse_and_bad_ones_say_what_is_wrong():
+    assert [(i, a.tolist()) for i, a in parse(b'{"id": "a", "label": 3}')] == [("a", 3)]
+    assert len(parse(b'[{"id": "a", "label": 3}, {"id": 7, "label": "seven"}]')) == 2
+    assert parse(b'{"feedback": [{"id": "a", "ground_truth": [1.5, 2]}]}')[0][1].tolist() == [1.5, 2.0]
+    tensor = parse(b'{"id": "a", "label": {"datatype": "INT64", "shape": [2], "data": [1, 2]}}')[0][1]
+    assert tensor.dtype == np.int64 and tensor.tolist() == [1, 2]
+    for body, needle in [(b"{", "malformed JSON"), (b"[]", "at least one"), (b'{"label": 1}', "'id'"),
+                         (b'{"id": "a"}', "'label' is missing"), (b'{"id": "a", "label": true}', "'label' must"),
+                         (b'{"id": "a", "label": {"datatype": "FP32", "shape": [3], "data": [1]}}', "needs 3"),
+                         (b'[1]', "expected an object")]:
+        with pytest.raises(InvalidInput, match=needle):
+            parse(body)
+    q, recent = LiveQuality("classification", 10), RecentPredictions(10)
+    recent.put("a", np.zeros((2, 10), np.float32), 0.0)
+    with pytest.raises(InvalidInput, match="1 label"):
+        q.join(recent, [("a", np.asarray(1))], now=0.0)
+    with pytest.raises(InvalidInput, match="class index"):
+        q.join(recent, [("a", np.asarray([1.5, 2]))], now=0.0)
