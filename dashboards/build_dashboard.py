@@ -48,6 +48,8 @@ LAT_COUNT = "namespace_pod_model_phase:kiln_request_duration_seconds_count:rate1
 BATCH_BUCKET = "namespace_pod_model_le:kiln_batch_size_bucket:rate1m"
 BATCH_SUM = "namespace_pod_model:kiln_batch_size_sum:rate1m"
 BATCH_COUNT = "namespace_pod_model:kiln_batch_size_count:rate1m"
+FEEDBACK = "namespace_pod_model_result:kiln_feedback:rate1m"
+CAPTURE = "namespace_pod_model_result:kiln_capture_samples:rate1m"
 
 
 def q(expr: str, legend: str = "__auto", ref: str = "A", *, instant: bool = False, table: bool = False) -> pb.Dataquery:
@@ -270,10 +272,61 @@ def build() -> dict:
             q(f'(sum(kiln_compile_cache_total{{{SEL_NO_MODEL}, result="hit"}}) or vector(0)) '
               f"/ sum(kiln_compile_cache_total{{{SEL_NO_MODEL}}})")).span(4).height(8))
     )
+    d = monitoring_rows(d)
     out = json.loads(json.dumps(d.build(), cls=JSONEncoder))
     for i, panel in enumerate(out["panels"], 1):  # stable ids, in layout order
         panel["id"] = i
     return out
+
+
+def monitoring_rows(d: db.Dashboard) -> db.Dashboard:
+    """Model quality (service/monitor, docs/monitoring.md): live accuracy from feedback, drift, capture."""
+    return (
+        d.with_row(db.Row("Model quality: live accuracy from feedback, drift, traffic capture"))
+        .with_panel(timeseries(
+            "Live accuracy (top-1) and MAE from feedback",
+            "kiln_live_accuracy (classifiers) or kiln_live_mae (regressors) over the last feedback window, with the "
+            "config's accuracy.min_accuracy (alert KilnLiveAccuracyLow below it).", "none",
+            q(f'label_replace(max by (model, version) (kiln_live_accuracy{{{SEL}}}), "metric", "top-1", "", "") '
+              f'or label_replace(max by (model, version) (kiln_live_mae{{{SEL}}}), "metric", "MAE", "", "")',
+              "{{model}} v{{version}} {{metric}}"),
+            q(f"max by (model, version) (kiln_live_accuracy_min{{{SEL}}})", "{{model}} v{{version}} min_accuracy", "B")))
+        .with_panel(timeseries(
+            "Feedback/s by result", "Labels joined to a prediction, late (after monitor.feedback.max_delay_s), "
+            "unmatched (unknown or evicted request id) and duplicate.", "reqps",
+            q(f"sum by (result) ({FEEDBACK}{{{SEL}}})", "{{result}}")))
+        .with_panel(timeseries(
+            "Labelled rows in the live window", "kiln_live_labels: how many labelled rows the live metric averages.",
+            "none", q(f"max by (model, version) (kiln_live_labels{{{SEL}}})", "{{model}} v{{version}}")))
+        .with_panel(stat(
+            "Model versions drifting", "Versions whose last drift window failed the Bonferroni-corrected KS test "
+            "(or the predicted-class test); alert KilnDriftDetected after 10 minutes.", "none",
+            q(f"count(max by (model, version) (kiln_drift_detected{{{SEL}}}) == 1) or vector(0)"),
+            thresholds=[(None, "green"), (1, "red")]))
+        .with_panel(timeseries(
+            "Drift detected", "kiln_drift_detected per model version (1 = the last window drifted).", "none",
+            q(f"max by (model, version) (kiln_drift_detected{{{SEL}}})", "{{model}} v{{version}}")).span(8))
+        .with_panel(timeseries(
+            "Smallest KS p-value by model", "min over input features of kiln_drift_p_value{test=\"ks\"}; drift when it "
+            "is below 0.05 / features (Bonferroni).", "sci",
+            q(f'min by (model, version) (kiln_drift_p_value{{{SEL}, test="ks"}})', "{{model}} v{{version}}")))
+        .with_panel(timeseries(
+            "Largest PSI and KS statistic by model", "Population stability index (> 0.25: a large shift) and KS "
+            "statistic of the most shifted input feature.", "none",
+            q(f'max by (model, version) (kiln_drift_statistic{{{SEL}, test="psi", input!="predicted_class"}})',
+              "{{model}} v{{version}} PSI"),
+            q(f'max by (model, version) (kiln_drift_statistic{{{SEL}, test="ks"}})', "{{model}} v{{version}} KS", "B")))
+        .with_panel(table(
+            "Most drifted inputs (KS statistic)", "The 10 input features whose window differs most from the reference.",
+            q(f'topk(10, max by (model, version, input) (kiln_drift_statistic{{{SEL}, test="ks"}}))',
+              instant=True, table=True), span=8))
+        .with_panel(timeseries(
+            "Captured samples/s by result", "kiln_capture_samples_total: stored, dropped (queue full), evicted (the "
+            "store's byte cap), failed.", "reqps", q(f"sum by (result) ({CAPTURE}{{{SEL}}})", "{{result}}")))
+        .with_panel(timeseries(
+            "Capture store bytes by model", "Tensor bytes of each model's captured samples (KILN_MONITOR_MAX_BYTES "
+            "bounds the whole store).", "bytes", q(f"sum by (model) (kiln_capture_bytes{{{SEL}}})", "{{model}}")))
+    )
 
 
 def render() -> str:

@@ -24,8 +24,12 @@ RULE_TESTS = DASH_DIR / "prometheus-rules.test.yaml"
 DASHBOARD = DASH_DIR / "kiln.json"
 
 # The server's metrics (design notes); histograms expose _bucket/_sum/_count.
-COUNTERS = {"kiln_inference_requests_total", "kiln_inference_samples_total", "kiln_compile_cache_total"}
-GAUGES = {"kiln_queue_depth", "kiln_inflight_requests", "kiln_model_state", "kiln_parity_max_abs_error"}
+COUNTERS = {"kiln_inference_requests_total", "kiln_inference_samples_total", "kiln_compile_cache_total",
+            # model monitoring (service/monitor/metrics.py)
+            "kiln_capture_samples_total", "kiln_capture_events_total", "kiln_feedback_total"}
+GAUGES = {"kiln_queue_depth", "kiln_inflight_requests", "kiln_model_state", "kiln_parity_max_abs_error",
+          "kiln_capture_bytes", "kiln_live_accuracy", "kiln_live_mae", "kiln_live_labels", "kiln_live_accuracy_min",
+          "kiln_drift_statistic", "kiln_drift_p_value", "kiln_drift_detected"}
 HISTOGRAMS = {"kiln_request_duration_seconds", "kiln_batch_size", "kiln_compile_seconds"}
 SERVER_METRICS = COUNTERS | GAUGES | {f"{h}_{s}" for h in HISTOGRAMS for s in ("bucket", "sum", "count")}
 
@@ -69,7 +73,7 @@ def test_promtool_test_rules():
 def test_alerts_and_rule_tests_cover_each_other():
     alerts = {r["alert"] for r in rules() if "alert" in r}
     assert {"KilnHighP99Latency", "KilnHighErrorRatio", "KilnModelNotReady", "KilnModelFailed",
-            "KilnQueueSaturated", "KilnRequestsRejected"} <= alerts
+            "KilnQueueSaturated", "KilnRequestsRejected", "KilnDriftDetected", "KilnLiveAccuracyLow"} <= alerts
     tested = {t["alertname"] for case in yaml.safe_load(RULE_TESTS.read_text())["tests"]
               for t in case.get("alert_rule_test", [])}
     assert alerts == tested, f"alerts without a promtool unit test: {alerts - tested}"
@@ -110,7 +114,9 @@ def test_dashboard_structure():
     titles = [p["title"] for p in raw["panels"] if p["type"] != "row"]
     for wanted in ("Requests/s by outcome", "Latency p50 by phase", "Latency p95 by phase", "Latency p99 by phase",
                    "Executed batch size", "Queue depth", "In-flight requests by pod", "Model state",
-                   "Mean compile time", "Compile cache hit ratio", "Parity: max abs error vs the reference"):
+                   "Mean compile time", "Compile cache hit ratio", "Parity: max abs error vs the reference",
+                   "Live accuracy (top-1) and MAE from feedback", "Feedback/s by result", "Drift detected",
+                   "Smallest KS p-value by model", "Most drifted inputs (KS statistic)", "Captured samples/s by result"):
         assert wanted in titles, wanted
     exprs = dashboard_exprs(raw)
     assert len(exprs) >= 25

@@ -92,14 +92,17 @@ def poll(prom: Prometheus, exprs: dict[str, str], timeout: float = POLL_S) -> di
 
 
 @pytest.fixture(scope="module")
-def load(server):
-    """JSON infer requests to both models for the module's lifetime (bounded), plus a few bad ones."""
+def load(server, eval_set):
+    """JSON infer requests to both models for the module's lifetime (bounded), plus a few bad ones.
+    digits-cnn gets held-out digits and their labels as feedback (live accuracy, no drift);
+    digits-cnn-openvino gets uniform noise, far from its calibration digits (drift: its alert goes pending)."""
     rng = np.random.default_rng(0)
+    x_eval, y_eval = eval_set
     stop = threading.Event()
-    counts = {"ok": 0, "client_error": 0, "other": 0}
+    counts = {"ok": 0, "client_error": 0, "other": 0, "feedback": 0}
 
-    def post(model: str, body: dict) -> int:
-        req = urllib.request.Request(f"{server.url}/v2/models/{model}/infer", data=json.dumps(body).encode(),
+    def post(model: str, body: dict, route: str = "infer") -> int:
+        req = urllib.request.Request(f"{server.url}/v2/models/{model}/{route}", data=json.dumps(body).encode(),
                                      method="POST", headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=10) as r:
@@ -111,12 +114,17 @@ def load(server):
     def run() -> None:
         deadline = time.monotonic() + LOAD_MAX_S
         i = 0
+        labels = []
         while not stop.is_set() and time.monotonic() < deadline:
             batch = (1, 4)[i % 2]
             model = MODELS[i % len(MODELS)]
-            data = rng.uniform(0, 16, size=(batch, 1, 8, 8)).astype(np.float32)
-            body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(data.shape),
-                                "data": data.ravel().tolist()}]}
+            if model == MODELS[0]:
+                rows = rng.choice(len(x_eval), batch, replace=False)
+                data = x_eval[rows]
+            else:
+                data = rng.uniform(0, 16, size=(batch, 1, 8, 8)).astype(np.float32)
+            body = {"id": f"live-{i}", "inputs": [{"name": "input", "datatype": "FP32", "shape": list(data.shape),
+                                                   "data": data.ravel().tolist()}]}
             if i % 25 == 7:  # a wrong shape: outcome=client_error
                 body["inputs"][0]["shape"] = [1, 1, 4, 4]
             try:
@@ -124,6 +132,14 @@ def load(server):
             except OSError:
                 status = -1
             counts["ok" if status == 200 else "client_error" if 400 <= status < 500 else "other"] += 1
+            if status == 200 and model == MODELS[0]:
+                labels.append({"id": f"live-{i}", "label": y_eval[rows].tolist()})
+            if len(labels) >= 10:  # ground truth arrives in batches, a little after the predictions
+                try:
+                    counts["feedback"] += post(MODELS[0], labels, "feedback") == 200
+                except OSError:
+                    pass
+                labels = []
             i += 1
             stop.wait(0.01)  # ~50-80 req/s: enough for every rate, gentle on 2 cores
 
@@ -249,8 +265,24 @@ def test_recording_rules_produce_series_and_no_rule_errors(prometheus):
     for group in loaded:
         for rule in group["rules"]:
             assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
-            if rule["type"] == "alerting":  # a healthy server under light load pages nobody
+            if rule["type"] == "alerting" and rule["name"] == "KilnDriftDetected":  # see the test below
+                assert {a["labels"]["model"] for a in rule["alerts"]} <= {MODELS[1]}, rule["alerts"]
+            elif rule["type"] == "alerting":  # a healthy server under light load pages nobody
                 assert rule["state"] == "inactive", (rule["name"], rule["alerts"])
+
+
+def test_drift_alert_goes_pending_for_the_drifted_model_only(prometheus, load):
+    """digits-cnn-openvino gets noise, digits-cnn held-out digits: only the first drifts (its alert
+    waits out `for: 10m` as pending), and digits-cnn's live accuracy from feedback stays above min_accuracy."""
+    missing = poll(prometheus, {
+        "pending": f'ALERTS{{alertname="KilnDriftDetected", alertstate="pending", model="{MODELS[1]}"}}',
+        "detected": f'namespace_model_version:kiln_drift_detected:max{{model="{MODELS[1]}"}} == 1',
+        "accuracy": f'namespace_model_version:kiln_live_accuracy:min{{model="{MODELS[0]}"}} >= 0.95',
+    })
+    assert not missing, missing
+    assert not has_data(prometheus.query(f'kiln_drift_detected{{model="{MODELS[0]}"}} == 1'))
+    assert not has_data(prometheus.query('ALERTS{alertname="KilnLiveAccuracyLow"}'))
+    assert load["feedback"] > 0, load
 
 
 def test_prometheus_adapter_rules_return_per_pod_values(prometheus):
