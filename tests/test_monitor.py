@@ -293,13 +293,14 @@ def _drift_rows(store_dir: Path) -> list[dict]:
         store.close()
 
 
-def _send_and_wait(env, rows: np.ndarray, evaluations: int) -> list[dict]:
+def _send_and_wait(env, rows: np.ndarray, seen: int) -> list[dict]:
+    """Send rows one request each; the drift evaluations once the detector has taken `seen` rows."""
     for i in range(len(rows)):
         r = env["http"].post("/v2/models/digits-drift/infer", json=body(rows[i:i + 1]))
         assert r.status_code == 200, r.text
     deadline = time.monotonic() + 30
-    while len(history := _drift_rows(env["store"])) < evaluations:
-        assert time.monotonic() < deadline, f"{len(history)} of {evaluations} drift evaluations"
+    while not (history := _drift_rows(env["store"])) or history[-1]["detail"]["seen"] < seen:
+        assert time.monotonic() < deadline, history[-1:]
         time.sleep(0.05)
     return history
 
@@ -311,8 +312,10 @@ def test_an_unshifted_stream_keeps_drift_at_0_and_a_1_std_shift_flips_it_within_
         ref = f["input"].reshape(len(f["input"]), -1)
     rng = np.random.default_rng(5)
     clean = x[rng.permutation(len(x))][:300]  # held-out digits: the reference's distribution
-    history = _send_and_wait(env, clean, 300 // 50)
-    assert [h["detected"] for h in history] == [0] * 6, [(h["min_p_value"], h["detail"]["threshold"]) for h in history]
+    history = _send_and_wait(env, clean, 300)
+    # One evaluation every 50 rows (the store may have trimmed the oldest of its history).
+    assert [h["detail"]["seen"] for h in history][-3:] == [200, 250, 300]
+    assert [h["detected"] for h in history] == [0] * len(history), [(h["min_p_value"], h["detail"]) for h in history]
     assert value(scrape(srv.url), "kiln_drift_detected", model="digits-drift") == 0
 
     # A sustained shift of 1 reference std on the 4 features that vary most.
@@ -320,7 +323,8 @@ def test_an_unshifted_stream_keeps_drift_at_0_and_a_1_std_shift_flips_it_within_
     top = np.argsort(-std)[:4]
     shifted = x[rng.permutation(len(x))][:350].reshape(350, -1).copy()
     shifted[:, top] += std[top]
-    history = _send_and_wait(env, shifted.reshape(350, 1, 8, 8), 6 + 350 // 50)[6:]
+    history = [h for h in _send_and_wait(env, shifted.reshape(350, 1, 8, 8), 650) if h["detail"]["seen"] > 300]
+    assert [h["detail"]["seen"] - 300 for h in history] == list(range(50, 351, 50))
     verdicts = [h["detected"] for h in history]
     assert 1 in verdicts, [(h["min_p_value"], h["detail"]["threshold"]) for h in history]
     first = 50 * (verdicts.index(1) + 1)

@@ -80,12 +80,13 @@ class DriftResult:
     class_psi: float | None = None
     detected: bool = False
     drifted: list[str] = field(default_factory=list)
+    seen: int = 0                   # rows the detector had taken in when it evaluated
 
     def summary(self) -> dict:
-        worst = np.argsort(self.p_values, kind="stable")[:10]
-        out = {"threshold": self.threshold, "drifted": self.drifted[:20], "n_drifted": len(self.drifted),
-               "worst": [{"input": self.features[i], "ks": float(self.ks[i]), "p_value": float(self.p_values[i]),
-                          "psi": float(self.psi[i])} for i in worst]}
+        worst = np.argsort(self.p_values, kind="stable")[:5]
+        out = {"seen": self.seen, "threshold": self.threshold, "drifted": self.drifted[:20], "n_drifted": len(self.drifted),
+               "worst": [{"input": self.features[i], "ks": round(float(self.ks[i]), 6),
+                          "p_value": float(self.p_values[i]), "psi": round(float(self.psi[i]), 6)} for i in worst]}
         if self.class_p_value is not None:
             out["predicted_class"] = {"chi2": self.class_chi2, "p_value": self.class_p_value, "psi": self.class_psi}
         return out
@@ -124,10 +125,10 @@ class DriftDetector:
         self._since = 0       # rows added since the last evaluation
         self.seen = 0
 
-    def add(self, rows: np.ndarray, classes: np.ndarray | None = None) -> DriftResult | None:
-        """Append rows (n × features) and their predicted classes; the evaluation when one is due."""
+    def add(self, rows: np.ndarray, classes: np.ndarray | None = None) -> list[DriftResult]:
+        """Append rows (n × features) and their predicted classes; the evaluations that fell due."""
         rows = np.asarray(rows, dtype=np.float64).reshape(len(rows), -1)
-        result = None
+        results = []
         pos = 0
         while pos < len(rows):  # an evaluation lands every `every` rows, whatever the batch sizes
             need = self.every - self._since  # <= 0 while an evaluation waits for min_interval_s
@@ -135,8 +136,8 @@ class DriftDetector:
             self._push(rows[pos:pos + take], None if classes is None else classes[pos:pos + take])
             pos += take
             if self._since >= self.every and self.clock() - self._last_eval >= self.min_interval_s:
-                result = self.evaluate()
-        return result
+                results.append(self.evaluate())
+        return results
 
     def _push(self, rows: np.ndarray, classes: np.ndarray | None) -> None:
         idx = (self._next + np.arange(len(rows))) % self.window
@@ -170,7 +171,7 @@ class DriftDetector:
             ps[j] = psi(proportions(rows[:, j], self.edges[j]), self.expected[j])
         tests = nf + (1 if self.reference_classes is not None else 0)
         threshold = self.p_value / tests
-        result = DriftResult(len(rows), self.features, ks, pv, ps, threshold)
+        result = DriftResult(len(rows), self.features, ks, pv, ps, threshold, seen=self.seen)
         if self.reference_classes is not None:
             live = np.bincount(self.window_classes(), minlength=self.n_classes)[:self.n_classes]
             table = np.stack([live, self.reference_classes])

@@ -67,6 +67,7 @@ class ModelMonitor:
         self.quality = fb.LiveQuality(task, cfg.feedback.window, mv.labels, cfg.feedback.max_delay_s)
         # Drift: which flattened elements of which inputs are features (fixed-shape numeric inputs).
         dcfg = cfg.drift
+        self.detector_window = dcfg.window
         self.drift_rate = dcfg.sample_rate if (self.enabled and dcfg.enabled) else 0.0
         self.features: list[tuple[str, np.ndarray]] = []
         for t in mv.inputs:
@@ -77,6 +78,10 @@ class ModelMonitor:
         if not self.features:
             self.drift_rate = 0.0
         self.detector: DriftDetector | None = None
+        # Rows the detector can use: one window per evaluation interval. Beyond that, rows would
+        # only cost CPU, so busy models feed it a sample (the first `window` rows of each interval).
+        self.drift_interval = dcfg.min_interval_s
+        self.drift_budget, self.drift_reset = dcfg.window, 0.0
         self._drift_state = "new"  # new | on | off (set by the worker)
         self.drift_detected = False
         self._last_live = 0.0
@@ -142,16 +147,16 @@ class ModelMonitor:
         log.info("model %s v%s: drift against %s (%d reference rows, %d features)", self.name, self.version, path,
                  len(rows), len(names))
 
-    def feed_drift(self, rows: np.ndarray, outputs: dict[str, np.ndarray], store: CaptureStore | None) -> None:
+    def feed_drift(self, rows: np.ndarray, outputs: list[np.ndarray | None], store: CaptureStore | None) -> None:
+        """Rows of several requests, with each request's output (for the predicted classes)."""
         if self._drift_state == "new":
             self._init_drift(store)
         if self._drift_state != "on":
             return
         classes = None
-        if self.detector.reference_classes is not None and self.output in outputs:
-            classes = outputs[self.output].reshape(len(rows), -1).argmax(axis=1)
-        result = self.detector.add(rows, classes)
-        if result is not None:
+        if self.detector.reference_classes is not None and all(o is not None for o in outputs):
+            classes = np.concatenate([o.reshape(o.shape[0] if o.ndim > 1 else 1, -1).argmax(axis=1) for o in outputs])
+        for result in self.detector.add(rows, classes):
             self._publish(result, store)
 
     def _publish(self, r: DriftResult, store: CaptureStore | None) -> None:
@@ -238,7 +243,11 @@ class Monitor:
             capture = mon.sample_rate > 0 and self._random() < mon.sample_rate
             drift = None
             if mon.drift_rate >= 1.0 or (mon.drift_rate > 0 and self._random() < mon.drift_rate):
-                drift = mon.drift_rows(inputs)
+                if now >= mon.drift_reset:
+                    mon.drift_reset, mon.drift_budget = now + mon.drift_interval, mon.detector_window
+                if mon.drift_budget > 0 or not mon.drift_interval:
+                    drift = mon.drift_rows(inputs)
+                    mon.drift_budget -= len(drift)
             if not capture and drift is None:
                 return
             if len(self._queue) >= self.queue_size:
@@ -309,6 +318,7 @@ class Monitor:
     def _process(self, batch: list) -> None:
         samples: list[tuple[ModelMonitor, Sample]] = []
         labels: list = []
+        drift: dict[ModelMonitor, tuple[list, list]] = {}
         for item in batch:
             head = item[0]
             if head == "labels":
@@ -316,15 +326,19 @@ class Monitor:
             elif head == "live":
                 self.store.add_live(*item[1:])
             else:
-                mon, rid, when, latency, inputs, outputs, drift = item
-                if drift is not None:
-                    try:
-                        mon.feed_drift(drift, outputs, self.store)
-                    except Exception:
-                        log.exception("monitor: drift of %s v%s failed", mon.name, mon.version)
+                mon, rid, when, latency, inputs, outputs, rows = item
+                if rows is not None:
+                    parts = drift.setdefault(mon, ([], []))
+                    parts[0].append(rows)
+                    parts[1].append(outputs.get(mon.output))
                 if inputs is not None:
                     samples.append((mon, Sample(mon.name, mon.version, rid, when, latency, dict(inputs),
                                                 dict(outputs))))
+        for mon, (rows, outs) in drift.items():  # one detector call per model and batch of requests
+            try:
+                mon.feed_drift(np.concatenate(rows), outs, self.store)
+            except Exception:
+                log.exception("monitor: drift of %s v%s failed", mon.name, mon.version)
         if samples:
             try:
                 _, evicted, too_large = self.store.insert(s for _, s in samples)

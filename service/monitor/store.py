@@ -10,7 +10,7 @@ metadata JSON text.
 Tables:
   samples(id, model, version, request_id, time, latency_s, bytes, meta)     one captured request
   tensors(sample_id, role, name, npy)     role: input | output; one row per tensor
-  labels(id, model, version, request_id, time, npy)                          feedback received
+  labels(id, model, version, request_id, time, npy)          feedback received for a stored sample
   drift(id, model, version, time, rows, detected, min_p_value, max_ks, max_psi, detail)
   live(id, model, version, time, metric, value, n)                           live accuracy / MAE
 """
@@ -180,14 +180,14 @@ class CaptureStore:
     def _evict(self, incoming: int = 0) -> list[tuple[str, str]]:
         """Oldest rows out until the database's pages in use are under 70% of the
         cap, once it passes 85%; freed pages are reused by the next inserts, so the file stops
-        growing there. Samples go first; the drift / live history (small rows) is trimmed when it
-        holds more than a fifth of what is in use, or when no sample is left."""
+        growing there. Samples go first; the drift / live / label history (small rows) is trimmed
+        when it holds more than half of what is in use, or when no sample is left."""
         high, low = int(self.max_bytes * 0.85) - incoming, int(self.max_bytes * 0.7) - incoming
         if self._used_bytes() <= high:
             return []
         evicted: list[tuple[str, str]] = []
         while (used := self._used_bytes()) > low:
-            if self._history_bytes() > used // 5 or not self._trim_samples(used - low, evicted):
+            if self._history_bytes() > used // 2 or not self._trim_samples(used - low, evicted):
                 if not self._trim_history():
                     break
         return evicted
@@ -230,8 +230,10 @@ class CaptureStore:
     def add_labels(self, rows: Iterable[tuple[str, str, str, float, np.ndarray]]) -> None:
         with self._lock:
             self.db.execute("BEGIN")
-            self.db.executemany("INSERT INTO labels (model, version, request_id, time, npy) VALUES (?,?,?,?,?)",
-                                [(m, v, rid, t, to_npy(label)) for m, v, rid, t, label in rows])
+            # Only for samples still in the store: a label is kept to be exported with its sample.
+            self.db.executemany("INSERT INTO labels (model, version, request_id, time, npy) SELECT ?,?,?,?,? "
+                                "WHERE EXISTS (SELECT 1 FROM samples WHERE request_id = ? AND model = ?)",
+                                [(m, v, rid, t, to_npy(label), rid, m) for m, v, rid, t, label in rows])
             self.db.execute("COMMIT")
             self._trim("labels", None, None, limit=200_000)
             self._backlog += self._evict(incoming=4096)
