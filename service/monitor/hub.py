@@ -137,7 +137,7 @@ class ModelMonitor:
             d = cfg.monitor.drift
             self.detector = DriftDetector(rows, names, window=d.window, every=d.every, p_value=d.p_value,
                                           bins=d.psi_bins, reference_classes=classes, n_classes=n_classes,
-                                          min_interval_s=d.min_interval_s)
+                                          min_interval_s=d.min_interval_s, p_value_interval_s=d.p_value_interval_s)
         except Exception as err:  # a bad reference turns drift off for this model, nothing else
             log.warning("model %s v%s: drift reference %s unusable, drift is off: %s: %s", self.name, self.version,
                         path, type(err).__name__, err)
@@ -164,7 +164,8 @@ class ModelMonitor:
         for j, feature in enumerate(r.features):
             mm_metrics.DRIFT_STATISTIC.labels(m, v, feature, "ks").set(r.ks[j])
             mm_metrics.DRIFT_STATISTIC.labels(m, v, feature, "psi").set(r.psi[j])
-            mm_metrics.DRIFT_P_VALUE.labels(m, v, feature, "ks").set(r.p_values[j])
+            if r.fresh is None or r.fresh[j]:
+                mm_metrics.DRIFT_P_VALUE.labels(m, v, feature, "ks").set(r.p_values[j])
         if r.class_p_value is not None:
             mm_metrics.DRIFT_STATISTIC.labels(m, v, PREDICTED_CLASS, "chi2").set(r.class_chi2)
             mm_metrics.DRIFT_STATISTIC.labels(m, v, PREDICTED_CLASS, "psi").set(r.class_psi)
