@@ -4,6 +4,7 @@ every request.
 
     python -m bench.monitor                   # digits-cnn, JSON and binary, c=32, 3 interleaved rounds of 4 s
     python -m bench.monitor --models mlp --seconds 8
+    python -m bench.monitor --no-http         # only the in-process cost of the hand-off and the worker
 
 It runs bench.http (wrk, server pinned to core 0, the variants interleaved round by round) with
 one Kiln per setting and prints each setting's req/s and p99 against monitoring off. Target: at
@@ -27,6 +28,70 @@ SETTINGS = [(f"kiln ({OFF})", "off"), (f"kiln ({NO_CAPTURE})", "drift + feedback
             ("kiln", "default (capture 0.01)"), (f"kiln ({FULL})", "capture 1.0")]
 
 
+def in_process(calls: int = 20000) -> dict:
+    """What monitoring costs per request, in-process and single-threaded (steadier than wrk on a
+    shared machine): Monitor.observe on the infer path, the worker's CPU per captured sample, and
+    one drift evaluation (digits-cnn: 64 features, window 250, 128 reference rows)."""
+    import tempfile
+    import threading
+    import time
+
+    import numpy as np
+
+    from service.monitor import Monitor
+    from service.monitor.drift import DriftDetector
+    from service.repository import ModelRepository
+    from service.settings import Settings
+
+    tmp = Path(tempfile.mkdtemp(prefix="kiln-bench-monitor-"))
+    repo = ModelRepository(http.ROOT / "model_repo", tmp / "cache", ["digits-cnn"])
+    repo.load_all()
+    mv = repo.get("digits-cnn")
+    x = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
+    out = {"logits": np.zeros((1, 10), np.float32)}
+    result = {}
+    try:
+        for rate in (0.0, 0.01, 1.0):
+            mon = Monitor(Settings(cache_dir=tmp, monitor_dir=tmp / f"store-{rate}", monitor_sample_rate=rate))
+            for i in range(1000):  # warm up: the model's monitor, the drift reference (loaded by the worker)
+                mon.observe(mv, f"w{i}", {"input": x}, out, 0.0)
+            mon.flush(120)
+            time.sleep(1.5)
+            worker = mon._thread  # noqa: SLF001 (the bench reads the worker thread's CPU clock)
+            clock = time.pthread_getcpuclockid(worker.ident)
+            observe, work = [], []
+            for rep in range(3):  # the best of three: background load only adds
+                w0, c0 = time.clock_gettime(clock), time.thread_time()
+                start = time.perf_counter()
+                for i in range(calls):
+                    mon.observe(mv, f"r{rep}-{i}", {"input": x}, out, start)
+                observe.append((time.thread_time() - c0) / calls * 1e6)
+                mon.flush(120)
+                time.sleep(0.1)
+                work.append((time.clock_gettime(clock) - w0) / calls * 1e6)
+            observe_us, worker_us = min(observe), min(work)
+            mon.close()
+            result[rate] = {"observe_us": observe_us, "worker_us": worker_us}
+            print(f"  capture {rate:g}: Monitor.observe {observe_us:.2f} µs CPU per request on the event loop; "
+                  f"worker {worker_us:.2f} µs CPU per request", flush=True)
+    finally:
+        repo.close()
+    with np.load(http.ROOT / "model_repo" / "digits-cnn" / "data" / "calib.npz") as f:
+        ref = f["input"].reshape(len(f["input"]), -1)
+    with np.load(http.ROOT / "model_repo" / "digits-cnn" / "data" / "eval.npz") as f:
+        live = f["input"].reshape(len(f["input"]), -1)
+    rng = np.random.default_rng(0)
+    det = DriftDetector(ref, [f"input[{i}]" for i in range(64)], reference_classes=rng.integers(0, 10, len(ref)),
+                        n_classes=10, p_value_interval_s=30.0)
+    det.add(live[:250], rng.integers(0, 10, 250))
+    t = time.thread_time()
+    evaluations = sum(len(det.add(live[rng.choice(len(live), 50)], rng.integers(0, 10, 50))) for _ in range(50))
+    result["evaluation_ms"] = (time.thread_time() - t) / evaluations * 1e3
+    print(f"  one drift evaluation: {result['evaluation_ms']:.2f} ms CPU (at most one a second by default)", flush=True)
+    _ = threading  # the worker is a thread: its clock above is per thread
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="digits-cnn")
@@ -35,7 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(WORK / "monitor.json"))
+    ap.add_argument("--no-http", action="store_true", help="only the in-process figures")
     args = ap.parse_args(argv)
+    print("in-process (20,000 requests handed to the monitor back to back):")
+    in_process()
+    if args.no_http:
+        return 0
     rc = http.main(["--models", args.models, "--formats", args.formats, "--concurrency", args.concurrency,
                     "--seconds", str(args.seconds), "--rounds", str(args.rounds), "--out", args.out,
                     "--kiln-variant", OFF, "--kiln-variant", NO_CAPTURE, "--kiln-variant", FULL])
