@@ -38,7 +38,7 @@ def in_process(calls: int = 20000) -> dict:
 
     import numpy as np
 
-    from service.monitor import Monitor
+    from service.monitor.hub import Monitor
     from service.monitor.drift import DriftDetector
     from service.repository import ModelRepository
     from service.settings import Settings

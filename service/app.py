@@ -20,7 +20,7 @@ from . import __version__, metrics, stats
 from . import openapi as _openapi
 from .errors import InvalidInput, KilnError, NotFound, PayloadTooLarge, error_reply
 from .infer import InferRoute, match_infer_path, too_large
-from .monitor import Monitor
+from .monitor.hub import Monitor
 from .repository import ModelRepository
 from .settings import Settings
 
