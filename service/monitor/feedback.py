@@ -41,6 +41,8 @@ def _label_array(raw: Any, where: str) -> np.ndarray:
             raise InvalidInput(f"{where}: label tensor data is not {datatype}: {err}") from None
         if arr.size != math.prod(shape):
             raise InvalidInput(f"{where}: label tensor shape {shape} needs {math.prod(shape)} values, data has {arr.size}")
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            raise InvalidInput(f"{where}: label tensor holds NaN or Inf")
         return arr.reshape(shape)
     if isinstance(raw, bool) or raw is None:
         raise InvalidInput(f"{where}: 'label' must be a number, a class name, a list or a v2 tensor")
@@ -54,6 +56,8 @@ def _label_array(raw: Any, where: str) -> np.ndarray:
         raise InvalidInput(f"{where}: 'label' must hold numbers or class names")
     if arr.dtype.kind == "U":
         arr = arr.astype(object)
+    elif arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        raise InvalidInput(f"{where}: 'label' holds NaN or Inf")
     return arr
 
 
