@@ -38,8 +38,8 @@ def in_process(calls: int = 20000) -> dict:
 
     import numpy as np
 
-    from service.monitor.hub import Monitor
     from service.monitor.drift import DriftDetector
+    from service.monitor.hub import Monitor
     from service.repository import ModelRepository
     from service.settings import Settings
 
@@ -57,7 +57,7 @@ def in_process(calls: int = 20000) -> dict:
                 mon.observe(mv, f"w{i}", {"input": x}, out, 0.0)
             mon.flush(120)
             time.sleep(1.5)
-            worker = mon._thread  # noqa: SLF001 (the bench reads the worker thread's CPU clock)
+            worker = mon._thread
             clock = time.pthread_getcpuclockid(worker.ident)
             observe, work = [], []
             for rep in range(3):  # the best of three: background load only adds

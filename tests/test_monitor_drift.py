@@ -6,9 +6,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from service.monitor.drift import DriftDetector, feature_index, ks_2samp, proportions, psi, psi_edges
-from service.monitor.feedback import LiveQuality, RecentPredictions, parse
 from service.errors import InvalidInput
+from service.monitor.drift import (
+    DriftDetector,
+    feature_index,
+    ks_2samp,
+    proportions,
+    psi,
+    psi_edges,
+)
+from service.monitor.feedback import LiveQuality, RecentPredictions, parse
 
 FEATURES = 12
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import typer
@@ -18,7 +17,7 @@ console = Console()
 STORE_HELP = ("Capture store folder (env KILN_MONITOR_DIR; default <KILN_CACHE_DIR>/monitor, the server's).")
 
 
-def _open(store: Optional[Path]):
+def _open(store: Path | None):
     from ..settings import Settings
     from .store import CaptureStore
 
@@ -64,11 +63,11 @@ def export_samples(samples, labelled_only: bool) -> tuple[dict[str, np.ndarray],
 def export(
     model: str = typer.Argument(..., help="Model name."),
     out: Path = typer.Option(..., "--out", "-o", help="The .npz to write."),
-    version: Optional[str] = typer.Option(None, "--version", help="Only this version (default: all)."),
+    version: str | None = typer.Option(None, "--version", help="Only this version (default: all)."),
     labelled: bool = typer.Option(False, "--labelled", help="Only requests that received feedback (then 'label' "
                                   "is always written, and the file is an accuracy dataset)."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many captured requests (oldest first)."),
-    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="At most this many captured requests (oldest first)."),
+    store: Path | None = typer.Option(None, "--store", help=STORE_HELP),
 ):
     """Write captured inputs (one array per input name), outputs (`output.<name>`) and joined labels
     (`label`, when every row has one) to an .npz, usable as `kiln optimize ... --calib/--data` and as a
@@ -95,9 +94,9 @@ def _when(t: float) -> str:
 @app.command()
 def report(
     model: str = typer.Argument(..., help="Model name."),
-    png: Optional[Path] = typer.Option(None, "--png", help="Chart to write (default monitor-<model>.png)."),
+    png: Path | None = typer.Option(None, "--png", help="Chart to write (default monitor-<model>.png)."),
     last: int = typer.Option(20, "--last", min=1, help="Rows of each history to print."),
-    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
+    store: Path | None = typer.Option(None, "--store", help=STORE_HELP),
 ):
     """Print the drift and live-accuracy history of a model and chart it (PNG): the KS verdicts with
     their smallest p-value and largest statistic, and the live metric over time."""

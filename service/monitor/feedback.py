@@ -23,6 +23,7 @@ import numpy as np
 import orjson
 
 from backends.datatypes import V2_TO_NUMPY
+
 from ..errors import InvalidInput
 
 MAX_ITEMS = 100_000

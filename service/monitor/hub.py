@@ -27,7 +27,8 @@ import orjson
 
 from .. import metrics as server_metrics
 from ..errors import InvalidInput
-from ..logs import REQUEST, request_id as new_request_id
+from ..logs import REQUEST
+from ..logs import request_id as new_request_id
 from . import feedback as fb
 from . import metrics as mm_metrics
 from .drift import DriftDetector, DriftResult, feature_index
@@ -50,7 +51,7 @@ def _resolve(path: str, model_dir: Path) -> Path:
 class ModelMonitor:
     """One model version's monitoring: its rates, recent predictions, live quality and drift."""
 
-    def __init__(self, hub: "Monitor", mv):
+    def __init__(self, hub: Monitor, mv):
         cfg = mv.config.monitor
         self.mv = mv
         self.name, self.version = mv.name, mv.version
@@ -84,15 +85,15 @@ class ModelMonitor:
         self.drift_budget, self.drift_reset = dcfg.window, 0.0
         self._drift_state = "new"  # new | on | off (set by the worker)
         self.drift_detected = False
-        self._last_live = 0.0
+        self.last_live = 0.0
         if self.enabled:
             acc = mv.config.accuracy
             if acc is not None and acc.min_accuracy is not None:
                 mm_metrics.LIVE_ACCURACY_MIN.labels(self.name, self.version).set(acc.min_accuracy)
-            self._stored = mm_metrics.CAPTURE_SAMPLES.labels(self.name, self.version, "stored")
-            self._dropped = mm_metrics.CAPTURE_SAMPLES.labels(self.name, self.version, "dropped")
-            self._stored.inc(0)
-            self._dropped.inc(0)
+            self.stored = mm_metrics.CAPTURE_SAMPLES.labels(self.name, self.version, "stored")
+            self.dropped = mm_metrics.CAPTURE_SAMPLES.labels(self.name, self.version, "dropped")
+            self.stored.inc(0)
+            self.dropped.inc(0)
 
     # -- request path -----------------------------------------------------------------------------
     def drift_rows(self, inputs: dict[str, np.ndarray]) -> np.ndarray | None:
@@ -107,7 +108,7 @@ class ModelMonitor:
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
     # -- worker side ------------------------------------------------------------------------------
-    def _init_drift(self, store: CaptureStore | None) -> None:
+    def _init_drift(self) -> None:
         """Load the reference (and, for classifiers, its predictions by the FP32 source)."""
         self._drift_state = "off"
         mv, cfg = self.mv, self.mv.config
@@ -138,7 +139,7 @@ class ModelMonitor:
             self.detector = DriftDetector(rows, names, window=d.window, every=d.every, p_value=d.p_value,
                                           bins=d.psi_bins, reference_classes=classes, n_classes=n_classes,
                                           min_interval_s=d.min_interval_s, p_value_interval_s=d.p_value_interval_s)
-        except Exception as err:  # a bad reference turns drift off for this model, nothing else
+        except Exception as err:  # noqa: BLE001 - a bad reference turns drift off for this model, nothing else
             log.warning("model %s v%s: drift reference %s unusable, drift is off: %s: %s", self.name, self.version,
                         path, type(err).__name__, err)
             return
@@ -150,7 +151,7 @@ class ModelMonitor:
     def feed_drift(self, rows: np.ndarray, outputs: list[np.ndarray | None], store: CaptureStore | None) -> None:
         """Rows of several requests, with each request's output (for the predicted classes)."""
         if self._drift_state == "new":
-            self._init_drift(store)
+            self._init_drift()
         if self._drift_state != "on":
             return
         classes = None
@@ -253,7 +254,7 @@ class Monitor:
                 return
             if len(self._queue) >= self.queue_size:
                 if capture:
-                    mon._dropped.inc()
+                    mon.dropped.inc()
                 return
             self._queue.append((mon, request_id, now, time.perf_counter() - start, inputs if capture else None,
                                 outputs, drift))
@@ -289,8 +290,8 @@ class Monitor:
             # Unmatched labels are not stored: without the prediction their meaning (class names, shape) is unknown.
             self._queue.append(("labels", [(mv.name, mv.version, j.request_id, now, j.label) for j in joined
                                            if j.result != "unmatched"]))
-            if value is not None and now - mon._last_live >= 1.0:
-                mon._last_live = now
+            if value is not None and now - mon.last_live >= 1.0:
+                mon.last_live = now
                 self._queue.append(("live", mv.name, mv.version, now, metric, value, n))
         return {"model_name": mv.name, "model_version": mv.version, **counts,
                 "unmatched_ids": [j.request_id for j in joined if j.result == "unmatched"][:100],
@@ -350,7 +351,7 @@ class Monitor:
             else:
                 skipped = {id(s) for s in too_large}
                 for mon, s in samples:
-                    (mon._dropped if id(s) in skipped else mon._stored).inc()
+                    (mon.dropped if id(s) in skipped else mon.stored).inc()
                 if too_large:
                     log.warning("monitor: %d captured sample(s) larger than a quarter of KILN_MONITOR_MAX_BYTES "
                                 "not stored", len(too_large))
@@ -396,12 +397,12 @@ class Monitor:
 
 def cloudevent_bodies(s: Sample) -> tuple[bytes, bytes]:
     """The v2 request and response JSON of a captured sample (the CloudEvents' data)."""
+    from backends.datatypes import v2_datatype
+
     from ..protocol import encode_response
 
     inputs = []
     for name, arr in s.inputs.items():
-        from backends.datatypes import v2_datatype
-
         datatype = v2_datatype(arr.dtype)
         data = ([b.decode("utf-8", "replace") if isinstance(b, bytes) else str(b) for b in arr.reshape(-1)]
                 if datatype == "BYTES" else np.ascontiguousarray(arr).reshape(-1))

@@ -39,6 +39,6 @@ _PER_MODEL = (CAPTURE_SAMPLES, CAPTURE_BYTES, CAPTURE_EVENTS, FEEDBACK, LIVE_ACC
 def forget(model: str, version: str) -> None:
     """Drop a model version's series (unloaded)."""
     for metric in _PER_MODEL:
-        for labels in list(metric._metrics):  # noqa: SLF001 (prometheus-client has no public listing)
+        for labels in list(metric._metrics):
             if labels[0] == model and labels[1] == version:
                 metric.remove(*labels)

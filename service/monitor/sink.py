@@ -21,8 +21,8 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
-from datetime import datetime, timezone
-from typing import Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 log = logging.getLogger("kiln.monitor")
 
@@ -31,7 +31,7 @@ RESPONSE_TYPE = "org.kubeflow.serving.inference.response"
 
 
 def _rfc3339(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
 
 
 class CloudEventSink:

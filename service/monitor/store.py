@@ -21,9 +21,10 @@ import io
 import json
 import sqlite3
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -187,9 +188,9 @@ class CaptureStore:
             return []
         evicted: list[tuple[str, str]] = []
         while (used := self._used_bytes()) > low:
-            if self._history_bytes() > used // 2 or not self._trim_samples(used - low, evicted):
-                if not self._trim_history():
-                    break
+            history_first = self._history_bytes() > used // 2
+            if (history_first or not self._trim_samples(used - low, evicted)) and not self._trim_history():
+                break
         return evicted
 
     def _trim_samples(self, need: int, evicted: list[tuple[str, str]]) -> bool:
