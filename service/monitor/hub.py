@@ -36,7 +36,7 @@ from .store import CaptureStore, Sample
 
 log = logging.getLogger("kiln.monitor")
 
-POLL_S = 0.005            # the worker's sleep when its queue is empty
+POLL_S = 0.02             # the worker's sleep when its queue is empty: fewer wake-ups (GIL hand-offs) per second
 BATCH = 512               # items the worker takes at once
 TICK_S = 2.0              # store size gauges, live-metric history
 INLINE_FEEDBACK = 256     # larger feedback bodies are scored in a thread, off the event loop
