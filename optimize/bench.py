@@ -1,8 +1,8 @@
 """Measure a model on a backend the way Kiln serves it: backend compile -> load -> warm -> time.
 
-Latency is the median (p50) of single ``runner.infer`` calls in-process, after warm-up, with the
-backend's serving defaults (1 intra-op thread). Accuracy is top-1 on the held-out set through the
-same runner, in batches of at most 32.
+Latency: ``backends.timing.time_runner`` (the server's statistic) on single ``runner.infer`` calls
+in-process, after warm-up, with the backend's serving defaults (1 intra-op thread). The metric is the
+workload's (``optimize.workload``), computed on the compiled artifact's outputs — what will be served.
 """
 
 from __future__ import annotations
@@ -24,14 +24,16 @@ class Measurement:
     ok: bool
     reason: str = ""
     p50_ms: dict[int, float] = field(default_factory=dict)  # batch -> ms
-    accuracy: float | None = None
+    spread_ms: dict[int, float] = field(default_factory=dict)  # batch -> interquartile range, ms
+    accuracy: float | None = None  # the workload's metric (whatever it is) on this compiled artifact
     artifact_bytes: int | None = None
     compile_s: float | None = None
 
     def as_dict(self) -> dict:
         return {
             "backend": self.backend, "precision": self.precision, "ok": self.ok, "reason": self.reason,
-            "p50_ms": {str(k): v for k, v in self.p50_ms.items()}, "accuracy": self.accuracy,
+            "p50_ms": {str(k): v for k, v in self.p50_ms.items()},
+            "spread_ms": {str(k): v for k, v in self.spread_ms.items()}, "accuracy": self.accuracy,
             "artifact_bytes": self.artifact_bytes, "compile_s": self.compile_s,
         }
 
@@ -71,37 +73,20 @@ def available_backends(runnable: bool = True) -> list[str]:
     return out
 
 
-def io_specs(src) -> tuple[list, list]:
-    """Backend TensorInfo lists (inputs, outputs) of a model source (batch dim -1)."""
-    from backends import TensorInfo
+def io_specs(sources: dict[str, Path]) -> tuple[list, list]:
+    """Backend TensorInfo lists (inputs, outputs) of the sources: ``backends.signature``, the server's own reader."""
+    from backends.signature import read_signature
 
-    from .modelio import input_spec
-
-    spec = input_spec(src)
-    dt = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32", "uint8": "UINT8", "int8": "INT8"}
-    inputs = [TensorInfo(spec.name, dt.get(spec.dtype, "FP32"), tuple([-1] + list(spec.shape[1:])))]
-    outputs = [TensorInfo("logits", "FP32", (-1, 10))]
-    if src.onnx is not None:
-        import onnx
-
-        proto = onnx.load(str(src.onnx), load_external_data=False)
-        outputs = []
-        for o in proto.graph.output:
-            t = o.type.tensor_type
-            shape = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
-            np_dt = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
-            outputs.append(TensorInfo(o.name, dt.get(np_dt, "FP32"), tuple([-1] + shape[1:])))
-    return inputs, outputs
+    return read_signature({k: Path(v) for k, v in sources.items() if v is not None})
 
 
-def _options(precision: str, calibration: np.ndarray | None, input_name: str, extra: dict | None, io: tuple | None = None):
+def _options(precision: str, calibration: dict | None, extra: dict | None, io: tuple | None = None):
     from backends import CompileOptions
 
     inputs, outputs = io if io is not None else ([], [])
     return CompileOptions(
         precision=precision, max_batch_size=32, inputs=list(inputs), outputs=list(outputs),
-        calibration={input_name: calibration} if calibration is not None else None,
-        extra={"threads": 1, **(extra or {})},
+        calibration=calibration, extra={"threads": 1, **(extra or {})},
     )
 
 
@@ -113,8 +98,7 @@ def pick_source(backend, sources: dict[str, Path]) -> Path | None:
 
 
 def compile_artifact(backend_name: str, sources: dict[str, Path], precision: str, workdir: Path,
-                     calibration: np.ndarray | None = None, input_name: str = "input", extra: dict | None = None,
-                     io: tuple | None = None):
+                     calibration: dict[str, np.ndarray] | None = None, extra: dict | None = None, io: tuple | None = None):
     """Compile with the backend's own recipe (INT8 included). Raises StepFailed with the reason."""
     from backends import BackendUnavailable, CompileFailed, get_backend
 
@@ -127,7 +111,8 @@ def compile_artifact(backend_name: str, sources: dict[str, Path], precision: str
     src = pick_source(be, sources)
     if src is None:
         raise StepFailed(f"{backend_name}: needs a {' or '.join(be.source_formats)} source, have {', '.join(k for k, v in sources.items() if v)}")
-    options = _options(precision, calibration, input_name, extra, io)
+    sources = {k: v for k, v in sources.items() if v is not None}
+    options = _options(precision, calibration, extra, io if io is not None else io_specs(sources))
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
@@ -135,22 +120,6 @@ def compile_artifact(backend_name: str, sources: dict[str, Path], precision: str
     except (CompileFailed, BackendUnavailable) as err:
         raise StepFailed(f"{backend_name} {precision}: {err}") from None
     return be, Path(artifact), options, time.perf_counter() - t0
-
-
-def time_runner(runner, input_name: str, x: np.ndarray, batch: int, runs: int, warmup: int = 20, blocks: int = 3) -> float:
-    """Median latency in ms of ``runner.infer`` at ``batch`` (``backends.timing``'s statistic)."""
-    from backends.timing import time_runner as time_backend_runner
-
-    return time_backend_runner(runner, {input_name: x}, batch, runs, warmup, blocks).median_ms
-
-
-def runner_accuracy(runner, input_name: str, x: np.ndarray, y: np.ndarray, batch: int = 32) -> float:
-    preds = []
-    for i in range(0, len(x), batch):
-        xb = x[i : i + batch]
-        out = runner.infer({input_name: np.ascontiguousarray(xb)})
-        preds.append(next(iter(out.values())).reshape(len(xb), -1).argmax(1))
-    return float((np.concatenate(preds) == y).mean())
 
 
 def artifact_bytes(artifact: Path) -> int:
@@ -172,17 +141,22 @@ def artifact_bytes(artifact: Path) -> int:
     return file_size([artifact])
 
 
-def measure(backend_name: str, sources: dict[str, Path], *, precision: str = "fp32", x_eval: np.ndarray,
-            y_eval: np.ndarray, calibration: np.ndarray | None = None, input_name: str = "input",
-            batches: tuple[int, ...] = (1, 32), runs: int = 200, extra: dict | None = None,
-            workdir: Path | None = None, io: tuple | None = None) -> Measurement:
-    """Compile + load + time + accuracy; a failure is returned as ``ok=False`` with the reason."""
+def measure(backend_name: str, sources: dict[str, Path], *, precision: str = "fp32", inputs: dict[str, np.ndarray],
+            evaluate=None, calibration: dict[str, np.ndarray] | None = None, batches: tuple[int, ...] = (1, 32),
+            runs: int = 200, extra: dict | None = None, workdir: Path | None = None, io: tuple | None = None,
+            progress: bool = False) -> Measurement:
+    """Compile + load + metric + time, the way Kiln serves it; a failure is returned as ``ok=False`` with the reason.
+
+    ``evaluate(runner) -> float`` is the workload's metric on the compiled artifact; ``inputs`` are the rows
+    timed (``backends.timing.time_runner``: the one statistic, median of the quietest block)."""
+    from backends.timing import time_runner
+
     m = Measurement(backend_name, precision, ok=False)
     extra = {**MEASURE_EXTRA.get(backend_name, {}), **(extra or {})}
     with tempfile.TemporaryDirectory(prefix="kiln-opt-") as tmp:
         wd = Path(workdir) if workdir is not None else Path(tmp)
         try:
-            be, artifact, options, m.compile_s = compile_artifact(backend_name, sources, precision, wd, calibration, input_name, extra, io)
+            be, artifact, options, m.compile_s = compile_artifact(backend_name, sources, precision, wd, calibration, extra, io)
             m.artifact_bytes = artifact_bytes(artifact)
             runner = be.load(artifact, options)
         except StepFailed as err:
@@ -191,14 +165,27 @@ def measure(backend_name: str, sources: dict[str, Path], *, precision: str = "fp
         except Exception as err:  # a runtime refusing the artifact
             m.reason = f"{backend_name} {precision}: load failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
             return m
+        bar = None
         try:
-            m.accuracy = runner_accuracy(runner, input_name, x_eval, y_eval)
+            if evaluate is not None:
+                m.accuracy = evaluate(runner)
+            counts = {b: runs if b == 1 else max(runs // 4, 20) for b in batches}
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=sum(counts.values()), desc=f"time {backend_name} {precision}", unit="call", leave=False)
             for b in batches:
-                m.p50_ms[b] = time_runner(runner, input_name, x_eval, b, runs if b == 1 else max(runs // 4, 20))
+                t = time_runner(runner, inputs, b, counts[b], warmup=10, blocks=3, progress=bar.update if bar else None)
+                m.p50_ms[b] = t.median_ms
+                m.spread_ms[b] = t.spread_ms
             m.ok = True
+        except OptimizeError:
+            raise
         except Exception as err:
             m.reason = f"{backend_name} {precision}: inference failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
         finally:
+            if bar is not None:
+                bar.close()
             try:
                 runner.close()
             except Exception:

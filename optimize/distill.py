@@ -143,44 +143,61 @@ def teacher_fn(src):
     return lambda x: torch.from_numpy(sess.run(None, {name: np.ascontiguousarray(x)})[0])
 
 
-def distill(teacher_src, student_spec: dict | Any, splits, *, alpha: float = 0.7, temperature: float = 4.0, epochs: int = 60,
-            lr: float = 3e-3, seed: int = 0, patience: int = 10, val_fraction: float = 0.15, progress: bool = True,
-            compare: bool = True, x_eval=None, y_eval=None) -> DistillResult:
-    import torch
+def parse_student_spec(spec: str, student_args: list[str] | None = None):
+    """``--student``: ``path/to/file.py:factory`` (+ ``--student-arg key=value``), or for the bundled DigitsCNN
+    an architecture ``W1,W2[:HIDDEN]`` — a factory too (``optimize/digits.py:DigitsCNN``)."""
+    from pathlib import Path
 
-    from . import digits
+    from .source import Factory, is_factory_spec, parse_model_args
 
-    validate(alpha, temperature, epochs, patience, val_fraction)
-    x_eval = splits.x_eval if x_eval is None else x_eval
-    y_eval = splits.y_eval if y_eval is None else y_eval
-    (xt, yt), (xv, yv) = carve_validation(splits.x_train, splits.y_train, val_fraction, seed)
-    run_teacher = teacher_fn(teacher_src)
-    t_train = run_teacher(xt).float()
-    teacher_eval = float((run_teacher(x_eval).numpy().argmax(1) == y_eval).mean())
-    if t_train.shape != (len(xt), digits.NUM_CLASSES):
-        raise OptimizeError(f"teacher outputs {tuple(t_train.shape)}, expected (N, {digits.NUM_CLASSES}) logits")
+    if is_factory_spec(spec):
+        path_s, _, fn = spec.rpartition(":")
+        return Factory(Path(path_s), fn, parse_model_args(student_args))
+    arch = parse_student(spec)
+    return Factory(Path(__file__).with_name("digits.py"), "DigitsCNN", {**arch, **parse_model_args(student_args)})
 
-    xt_t = torch.from_numpy(xt)
-    base_loss = kd_loss(alpha, temperature)
 
-    def loss_fn(logits, xb, yb):  # the teacher runs on the same mini-batch (cheap next to the student's backward)
-        return base_loss(logits, run_teacher(xb.numpy()).float(), yb)
+@dataclass
+class StudentResult:
+    model: Any
+    student: str
+    student_args: dict
+    alpha: float
+    temperature: float
+    loss: str
+    epochs_run: int
+    best_epoch: int
+    teacher_metric: float  # the teacher (FP32 reference) on the held-out split
+    student_metric: float  # the distilled student (torch) on the held-out split
+    baseline_metric: float | None = None  # the same student trained without the teacher
+    params_teacher: int | None = None
+    params_student: int = 0
 
-    def make_student():
-        if isinstance(student_spec, dict):
-            return digits.DigitsCNN(**student_spec, seed=seed)
-        return copy.deepcopy(student_spec)
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "model"}
 
-    student, history, best_epoch, best_val = fit(make_student(), (xt_t, torch.from_numpy(yt)), (xv, yv), epochs=epochs, lr=lr,
-                                                 seed=seed, patience=patience, progress=progress, loss_fn=loss_fn, desc="distill")
-    result = DistillResult(
-        model=student, student_config=dict(student.config), alpha=alpha, temperature=temperature, epochs_run=len(history),
-        best_epoch=best_epoch, val_top1=best_val, eval_top1=digits.evaluate(student, x_eval, y_eval),
-        teacher_eval_top1=teacher_eval, history=history,
-    )
-    if compare:
-        base, bh, be, bv = fit(make_student(), (xt_t, torch.from_numpy(yt)), (xv, yv), epochs=epochs, lr=lr, seed=seed,
-                               patience=patience, progress=progress, desc="baseline (no teacher)")
-        result.baseline = {"val_top1": bv, "eval_top1": digits.evaluate(base, x_eval, y_eval), "best_epoch": be,
-                           "epochs_run": len(bh)}
-    return result
+
+def distill_workload(w, student, *, alpha: float = 0.7, temperature: float = 4.0, epochs: int = 60, lr: float = 3e-3,
+                     seed: int = 0, patience: int = 10, progress: bool = True, compare: bool = True) -> StudentResult:
+    """Distil the workload's model (the teacher: torch or ONNX — its outputs come from the one FP32 reference) into
+    ``student`` (a Factory). Loss (optimize.train): alpha·CE + (1−alpha)·KL·T² with labels, KL alone without."""
+    from . import train
+    from .source import count_params
+
+    validate(alpha, temperature, epochs, patience, 0.15)
+    use_labels = w.splits.train.labels is not None and w.metric.needs_labels
+    t_train, t_val = w.reference_outputs("train"), w.reference_outputs("val")
+    module = student.build(seed=seed) if student.function == "DigitsCNN" else student.build()
+    fitted = train.fit(module, w.splits.train, w.splits.val, epochs=epochs, lr=lr, seed=seed, classifier=w.classifier,
+                       teacher_train=t_train, teacher_val=t_val, use_labels=use_labels, alpha=alpha,
+                       temperature=temperature, progress=progress, desc="distill", patience=patience)
+    res = StudentResult(module, student.spec, student.kwargs, alpha, temperature, fitted.loss, fitted.epochs_run,
+                        fitted.best_epoch, w.baseline(), w.evaluate_module(module),
+                        params_teacher=count_params(w.model.module) if w.model.module is not None else None,
+                        params_student=count_params(module))
+    if compare and use_labels:
+        base = student.build(seed=seed) if student.function == "DigitsCNN" else student.build()
+        train.fit(base, w.splits.train, w.splits.val, epochs=epochs, lr=lr, seed=seed, classifier=w.classifier,
+                  use_labels=True, progress=progress, desc="baseline (no teacher)", patience=patience)
+        res.baseline_metric = w.evaluate_module(base)
+    return res

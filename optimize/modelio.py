@@ -412,3 +412,70 @@ def file_size(paths: list[Path]) -> int:
         elif p.exists():
             total += p.stat().st_size
     return total
+
+
+# --------------------------------------------------------------------------- output folder of any workload
+
+
+def _gate_yaml(w, backend: str, precision: str, max_drop: float, comment: str, backend_options: dict | None,
+               has_gate: bool, lossy_atol: float | None) -> str:
+    lines = [f"# {line}" for line in comment.splitlines()] + [f"backend: {backend}", f"precision: {precision}"]
+    if backend != "onnxruntime":
+        lines.append("fallback: [onnxruntime]" if precision == "fp32" else f"fallback: [{backend}:fp32, onnxruntime]")
+    lines += [
+        "max_batch_size: 32",
+        "dynamic_batching: {max_queue_delay_ms: 2, preferred_batch_sizes: [8, 16, 32], max_queue_size: 1024}",
+        "instances: 1",
+    ]
+    verify = "verify: {atol: 1.0e-4, rtol: 1.0e-3, samples: data/calib.npz"
+    if precision != "fp32" and not has_gate:
+        # No top-1 gate can express a regression metric: the lossy build's parity tolerance is what was measured here.
+        verify += f", precisions: {{{precision}: {{atol: {lossy_atol:.6g}, rtol: 0.1}}}}"
+    lines.append(verify + "}")
+    if has_gate:
+        lines.append(f"accuracy: {{dataset: data/eval.npz, metric: top1, max_drop: {max_drop}}}")
+    if backend_options:
+        lines.append("backend_options: " + json.dumps(backend_options))
+    return "\n".join(lines) + "\n"
+
+
+def write_workload_folder(out: Path, w, *, module=None, sources: dict[str, Path] | None = None, backend: str = "onnxruntime",
+                          precision: str = "fp32", max_drop: float = 0.01, info: dict[str, Any] | None = None,
+                          comment: str = "written by kiln optimize", backend_options: dict | None = None,
+                          lossy_atol: float | None = None) -> Path:
+    """A servable folder for any workload: ``1/model.onnx`` (+ ``.pt2``), ``data/calib.npz`` (the model's input
+    names: the parity samples and the INT8 calibration the server uses), ``data/eval.npz`` (+ ``label`` for the
+    server's top-1 gate: the data's labels, or the original's predictions under ``agreement``), config.yaml
+    and optimize.json (what was done, the split, the metric, the numbers, the command)."""
+    from .build_default_model import save_npz_deterministic
+    from .source import export_module
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OptimizeError(f"{out}: exists and is not a folder")
+    vdir = out / "1"
+    vdir.mkdir(parents=True, exist_ok=True)
+    for stale in ("model.onnx", "model.pt2"):
+        (vdir / stale).unlink(missing_ok=True)
+    meta = {"kiln.built_by": (info or {}).get("command", "kiln optimize")}
+    if module is not None:
+        export_module(module, w.splits.train.head(8).inputs, vdir, output_names=[t.name for t in w.outputs], metadata=meta)
+    elif sources:
+        for fmt, path in sources.items():
+            if path is not None:
+                shutil.copyfile(path, vdir / f"model.{fmt}")
+    else:
+        raise ValueError("write_workload_folder needs module or sources")
+    labels = w.gate_labels()
+    save_npz_deterministic(out / "data" / "calib.npz", **w.splits.calib.inputs)
+    ev = dict(w.splits.eval.inputs)
+    if labels is not None:
+        ev["label"] = labels
+    save_npz_deterministic(out / "data" / "eval.npz", **ev)
+    if precision != "fp32" and labels is None and lossy_atol is None:
+        raise OptimizeError("a lossy build of a model without a top-1 gate needs a measured parity tolerance")
+    (out / "config.yaml").write_text(_gate_yaml(w, backend, precision, max_drop, comment, backend_options,
+                                                labels is not None, lossy_atol))
+    record = {**(info or {}), "workload": w.record()}
+    (out / "optimize.json").write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
+    return out

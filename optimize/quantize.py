@@ -1,5 +1,8 @@
 """``kiln optimize quantize``: INT8 per backend.
 
+Any workload (``optimize.workload``): the user's ONNX / .pt2 / factory, calibrated with the user's
+calibration split, measured with the user's metric on the compiled artifacts.
+
 - ``static``: the backend's own ``compile(precision="int8")`` recipe (ONNX Runtime static QDQ,
   OpenVINO NNCF, LiteRT PT2E) — the very code the server runs for a ``precision: int8`` config, so
   what is measured here is what gets served. One helper (:func:`static_int8`) serves every backend.
@@ -37,14 +40,18 @@ class QuantResult:
     out: str | None = None
     notes: list[str] = field(default_factory=list)
 
+    metric: object = None  # optimize.metric.Metric: the drop is in its unit, positive = worse
+
     @property
     def drop(self) -> float | None:
         a, b = self.fp32.get("accuracy"), self.int8.get("accuracy")
-        return None if a is None or b is None else a - b
+        if a is None or b is None:
+            return None
+        return self.metric.drop(a, b) if self.metric is not None else a - b
 
     def as_dict(self) -> dict:
         return {"backend": self.backend, "mode": self.mode, "recipe": self.recipe.__dict__, "fp32": self.fp32,
-                "int8": self.int8, "accuracy_drop": self.drop, "out": self.out, "notes": self.notes}
+                "int8": self.int8, "metric_drop": self.drop, "out": self.out, "notes": self.notes}
 
 
 def validate(backend: str, mode: str) -> None:
@@ -77,88 +84,65 @@ def dynamic_int8(source_onnx: Path, out_path: Path, *, reduce_range: bool = Fals
     return out_path
 
 
-def static_int8(backend: str, sources: dict[str, Path], calibration: np.ndarray, workdir: Path, input_name: str = "input",
-                extra: dict | None = None, io: tuple | None = None):
-    """Compile with the backend's INT8 recipe. Returns (backend object, artifact, options)."""
-    from .bench import compile_artifact
-
-    be, artifact, options, _ = compile_artifact(backend, sources, "int8", workdir, calibration, input_name, extra, io=io)
-    return be, artifact, options
-
-
-def quantize(src, backend: str, mode: str, calib_x: np.ndarray | None, x_eval: np.ndarray, y_eval: np.ndarray,
-             *, out: Path | None = None, runs: int = 200, max_drop: float = 0.01, command: str = "") -> QuantResult:
+def quantize(w, backend: str, mode: str, *, out: Path | None = None, runs: int = 200, max_drop: float = 0.01,
+             command: str = "", progress: bool = True) -> QuantResult:
+    """INT8 of the workload's model on ``backend``: fp32 and int8 both measured (metric on the compiled artifact,
+    p50 at batch 1 and 32), the servable folder written to ``out``."""
     from . import hw, modelio
-    from .bench import available_backends, io_specs, measure
+    from .bench import available_backends, measure
 
     validate(backend, mode)
     cpu = hw.detect()
     notes = []
     if backend == "auto":
-        avail = available_backends()
         if mode == "dynamic":
             backend, why = "onnxruntime", "dynamic INT8 is an ONNX Runtime recipe"
         else:
-            backend, why = hw.auto_backend(cpu, avail)
+            backend, why = hw.auto_backend(cpu, available_backends())
         notes.append(f"--backend auto chose {backend}: {why}")
     recipe = hw.choose_recipe(backend, mode, cpu)
-    spec = modelio.input_spec(src)
-    if mode == "static" and calib_x is None:
-        raise OptimizeError(f"{src.arg}: static INT8 needs calibration data: pass --calib FILE.npz")
-    sources = {"onnx": src.onnx, "pt2": src.pt2}
-    io = io_specs(src)
-    fp32 = measure(backend, sources, precision="fp32", x_eval=x_eval, y_eval=y_eval, input_name=spec.name, runs=runs, io=io)
+    sources = dict(w.model.sources)
+    io = (w.inputs, w.outputs)
+    parity: dict[str, float] = {}
+
+    def evaluate(runner) -> float:
+        parity["max_abs_error"] = w.parity_error(runner)
+        return w.evaluate(runner)
+
+    timing = w.splits.eval.inputs
+    fp32 = measure(backend, sources, precision="fp32", inputs=timing, evaluate=w.evaluate, runs=runs, io=io, progress=progress)
     with tempfile.TemporaryDirectory(prefix="kiln-q-") as tmp:
         tmp = Path(tmp)
         if mode == "dynamic":
-            if src.onnx is None:
-                raise OptimizeError(f"{src.arg}: dynamic INT8 needs an ONNX model")
-            qpath = dynamic_int8(src.onnx, tmp / "model.int8-dynamic.onnx", reduce_range=recipe.extra.get("reduce_range", False))
-            int8 = measure("onnxruntime", {"onnx": qpath}, precision="fp32", x_eval=x_eval, y_eval=y_eval,
-                           input_name=spec.name, runs=runs, io=io)
+            if "onnx" not in sources:
+                raise OptimizeError(f"{w.model.arg}: dynamic INT8 needs an ONNX model")
+            qpath = dynamic_int8(sources["onnx"], tmp / "model.int8-dynamic.onnx", reduce_range=recipe.extra.get("reduce_range", False))
+            int8 = measure("onnxruntime", {"onnx": qpath}, precision="fp32", inputs=timing, evaluate=evaluate, runs=runs, io=io,
+                           progress=progress)
             int8.precision = "int8-dynamic"
             int8.artifact_bytes = qpath.stat().st_size
         else:
-            int8 = measure(backend, sources, precision="int8", x_eval=x_eval, y_eval=y_eval, calibration=calib_x,
-                           input_name=spec.name, runs=runs, extra=recipe.extra, io=io, workdir=tmp / "int8")
+            int8 = measure(backend, sources, precision="int8", inputs=timing, evaluate=evaluate, calibration=w.splits.calib.inputs,
+                           runs=runs, extra=recipe.extra, io=io, workdir=tmp / "int8", progress=progress)
             qpath = tmp / "int8" / "model.onnx" if backend == "onnxruntime" else None
         if not int8.ok:
             raise StepFailed(int8.reason)
         result = QuantResult(backend, mode, recipe, fp32.as_dict(), int8.as_dict(), notes=notes)
+        result.metric = w.metric
         if out is not None:
-            info = {"command": command, "technique": f"int8-{mode}", **result.as_dict(), "cpu": cpu.as_dict()}
+            info = {"command": command, "technique": f"int8-{mode}", **result.as_dict(), "cpu": cpu.as_dict(),
+                    "parity_vs_original": parity}
+            tol = 2 * parity.get("max_abs_error", 0.0) + 1e-6
             if backend == "onnxruntime":
-                # The quantized graph is itself the servable source (QDQ or integer ops; runs on any ONNX runtime).
-                modelio.write_model_folder(out, src=src, onnx_file=qpath, backend="onnxruntime", precision="fp32",
-                                           max_drop=max_drop, info=info,
-                                           comment=f"INT8 ({recipe.name}) written by kiln optimize quantize;\n"
-                                                   "the graph itself is quantized, so it is served as an fp32-precision source.")
+                # The quantized graph is itself the servable source (QDQ or integer ops), served as an fp32 source.
+                modelio.write_workload_folder(out, w, sources={"onnx": qpath}, backend="onnxruntime", precision="fp32",
+                                              max_drop=max_drop, info=info,
+                                              comment=f"INT8 ({recipe.name}) written by kiln optimize quantize;\n"
+                                                      "the graph itself is quantized, so it is served as an fp32-precision source.")
             else:
-                if src.onnx is None and src.pt2 is None:
-                    raise OptimizeError(f"{src.arg}: nothing to write")
-                _write_source_copy(out, src, backend, max_drop, info, recipe)
+                modelio.write_workload_folder(out, w, sources=sources, backend=backend, precision="int8", max_drop=max_drop,
+                                              info=info, backend_options=recipe.extra or None, lossy_atol=tol,
+                                              comment=f"INT8 on {backend}: {recipe.name};\nthe server compiles it from the fp32 "
+                                                      "source with data/calib.npz (written by kiln optimize quantize).")
             result.out = str(out)
     return result
-
-
-def _write_source_copy(out: Path, src, backend: str, max_drop: float, info: dict, recipe: Recipe) -> None:
-    import shutil
-
-    from . import modelio
-
-    if src.onnx is not None:
-        modelio.write_model_folder(out, src=src, onnx_file=src.onnx, backend=backend, precision="int8", max_drop=max_drop,
-                                   info=info, comment=f"INT8 on {backend}: {recipe.name};\nthe server compiles it from the fp32 "
-                                                      "source with data/calib.npz (written by kiln optimize quantize).",
-                                   backend_options=recipe.extra or None)
-    if src.pt2 is not None:
-        (out / "1").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src.pt2, out / "1" / "model.pt2")
-        if src.onnx is None:
-            from .modelio import _yaml_config
-
-            (out / "config.yaml").write_text(_yaml_config(backend, "int8", max_drop, f"INT8 on {backend}", recipe.extra or None))
-            (out / "data").mkdir(exist_ok=True)
-            for key in ("calib", "eval"):
-                if getattr(src, key):
-                    shutil.copyfile(getattr(src, key), out / "data" / f"{key}.npz")

@@ -89,6 +89,13 @@ class Workload:
         outs = run_batched(runner.infer, getattr(self.splits, part).inputs, 32)
         return self.score_outputs(next(iter(outs.values())), part)
 
+    def parity_error(self, runner) -> float:
+        """Largest |compiled − original| over the calibration rows' first output (a lossy build's tolerance)."""
+        from service.verify import run_batched
+
+        got = next(iter(run_batched(runner.infer, self.splits.calib.inputs, 32).values()))
+        return float(np.abs(got.astype(np.float64) - self.reference_outputs("calib")).max())
+
     def evaluate_module(self, module, part: str = "eval") -> float:
         return self.score_outputs(module_outputs(module, getattr(self.splits, part).inputs)[0], part)
 
@@ -98,8 +105,8 @@ class Workload:
     def gate_labels(self) -> np.ndarray | None:
         """Labels for the server's top-1 accuracy gate: the data's for top1/top5, the original's argmax for
         agreement on a classifier; None when the server's gate cannot express the metric (regression)."""
-        if not self.classifier:
-            return None
+        if not self.classifier or self.metric.name not in ("top1", "agreement"):
+            return None  # the server's gate is top-1: other metrics keep a measured parity tolerance instead
         if self.splits.eval.labels is not None and self.metric.needs_labels:
             return self.splits.eval.labels
         return self.reference_outputs("eval").argmax(1).astype(np.int64)
