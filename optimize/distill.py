@@ -1,18 +1,18 @@
-"""``kiln optimize distill``: knowledge distillation of a DigitsCNN student from any teacher.
+"""``kiln optimize distill``: knowledge distillation of any student factory from any teacher.
 
 Loss (Hinton et al.): ``alpha * CE(student, y) + (1 - alpha) * KL(softmax(t/T) || softmax(s/T)) * T²``
 (the KL of the teacher's softened distribution from the student's, scaled by T² so the soft-target
 gradients keep their magnitude; alpha 0.7 and T 4 by default).
 
-The teacher is any model the toolkit can run (``.pt2`` through torch, ONNX through ONNX Runtime); its
-logits on the training set are computed once. A validation split is carved (stratified) from the
-training data for early stopping — the held-out eval split is never used to choose anything, only
-reported. The best-validation weights are restored at the end.
+The teacher is any MODEL the toolkit can run (torch, ``.pt2`` or ONNX): its outputs on the training and
+validation splits come once from the one FP32 reference (``backends.reference``). The student is a
+``path/to/file.py:factory``. Training is the one loop (``optimize.train``), early-stopped on the
+validation split — the held-out split is never used to choose anything, only reported. Without labels
+the loss is the KL term alone.
 """
 
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,62 +85,6 @@ def kd_loss(alpha: float, temperature: float):
         return alpha * ce + (1.0 - alpha) * kl * temperature**2
 
     return loss
-
-
-def fit(student, train_xy, val_xy, *, epochs: int, lr: float, seed: int, patience: int, progress: bool,
-        loss_fn=None, desc: str = "train", eval_xy=None):
-    """Train with early stopping on validation top-1; restore the best weights. Returns (model, history, best_epoch, best_val)."""
-    from . import digits
-
-    best = {"val": -1.0, "epoch": -1, "state": None}
-    history: list[dict] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=epochs, desc=desc, unit="epoch", leave=False)
-
-    def callback(epoch, model, logs):
-        val = digits.evaluate(model, *val_xy)
-        logs = {**logs, "val_top1": val}
-        history.append({"epoch": epoch, **{k: round(float(v), 5) for k, v in logs.items()}})
-        if val > best["val"]:
-            best.update(val=val, epoch=epoch, state=copy.deepcopy(model.state_dict()))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", val=f"{val:.4f}", best=f"{best['val']:.4f}@{best['epoch']}")
-        model.train()
-        return epoch - best["epoch"] < patience  # False stops training
-
-    try:
-        digits.train(student, train_xy, epochs=epochs, lr=lr, seed=seed, progress=False, loss_fn=loss_fn, callback=callback)
-    finally:
-        if bar is not None:
-            bar.close()
-    student.load_state_dict(best["state"])
-    student.eval()
-    return student, history, best["epoch"], best["val"]
-
-
-def teacher_fn(src):
-    """A function numpy (N,1,8,8) -> teacher logits (torch tensor); torch on .pt2, ONNX Runtime on ONNX."""
-    import torch
-
-    if src.pt2 is not None:
-        from .modelio import load_exported
-
-        module = load_exported(src.pt2).module()
-
-        def run(x: np.ndarray):
-            with torch.no_grad():
-                return module(torch.from_numpy(np.ascontiguousarray(x))).detach()
-
-        return run
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(src.onnx), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return lambda x: torch.from_numpy(sess.run(None, {name: np.ascontiguousarray(x)})[0])
 
 
 def parse_student_spec(spec: str, student_args: list[str] | None = None):

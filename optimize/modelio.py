@@ -4,10 +4,12 @@
   :class:`ModelSource`, validating that the files exist and parse.
 - :func:`load_module` rebuilds a trainable :class:`optimize.digits.DigitsCNN` from a source's weights
   (``.pt2`` state dict or ONNX initializers) and checks it reproduces the source's outputs.
-- :func:`load_calibration` reads and validates an ``.npz`` of calibration inputs against the input spec.
-- :func:`write_model_folder` writes an output that ``kiln serve --repo`` can serve:
+- :func:`write_workload_folder` writes an output that ``kiln serve --repo`` can serve:
   ``OUT/1/model.onnx`` (+ ``OUT/1/model.pt2``), ``OUT/config.yaml``, ``OUT/data/{calib,eval}.npz`` and
-  ``OUT/optimize.json`` (what was done, measured numbers, the command).
+  ``OUT/optimize.json`` (what was done, the split, the metric, measured numbers, the command).
+
+Signatures, the FP32 reference and timing are ``backends.signature`` / ``backends.reference`` /
+``backends.timing``, shared with the server.
 
 torch is imported inside functions only.
 """
@@ -135,33 +137,6 @@ def resolve(arg: str | Path, *, need: str | None = None) -> ModelSource:
     return src
 
 
-# --------------------------------------------------------------------------- input spec
-
-
-def input_spec(src: ModelSource) -> TensorSpec:
-    """The (single) input of the model: name, shape (-1 for dynamic dims), numpy dtype."""
-    if src.onnx is not None:
-        import onnx
-
-        proto = onnx.load(str(src.onnx), load_external_data=False)
-        inits = {i.name for i in proto.graph.initializer}
-        inputs = [i for i in proto.graph.input if i.name not in inits]
-        if len(inputs) != 1:
-            raise OptimizeError(f"{src.onnx}: the toolkit handles single-input models; this one has {len(inputs)} inputs")
-        t = inputs[0].type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
-        return TensorSpec(inputs[0].name, shape, dtype)
-    ep = load_exported(src.pt2)
-    specs = [s for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
-    if len(specs) != 1:
-        raise OptimizeError(f"{src.pt2}: the toolkit handles single-input models; this one has {len(specs)} inputs")
-    node = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == specs[0].arg.name)
-    val = node.meta["val"]
-    shape = [int(d) if isinstance(d, int) or str(d).isdigit() else -1 for d in val.shape]
-    return TensorSpec("input", shape, str(val.dtype).replace("torch.", ""))
-
-
 def load_exported(path: Path):
     import torch
 
@@ -172,56 +147,6 @@ def load_exported(path: Path):
             return torch.export.load(str(path))
     except Exception as err:
         raise OptimizeError(f"{path}: not a loadable .pt2 ExportedProgram ({type(err).__name__}: {str(err)[:120]})") from None
-
-
-# --------------------------------------------------------------------------- data
-
-
-def load_npz(path: str | Path, spec: TensorSpec, *, what: str = "calibration", need_labels: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read an ``.npz`` of inputs (key = the input name, or ``input``) and optional ``label``; validate against ``spec``."""
-    p = Path(path)
-    if not p.exists():
-        raise OptimizeError(f"{p}: {what} file not found")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except Exception as err:
-        raise OptimizeError(f"{p}: not a readable .npz file ({type(err).__name__})") from None
-    key = spec.name if spec.name in data else ("input" if "input" in data else None)
-    if key is None:
-        raise OptimizeError(f"{p}: no array named '{spec.name}' (the model's input) or 'input'; found {sorted(data)}")
-    x = data[key]
-    if x.dtype != np.dtype(spec.dtype):
-        raise OptimizeError(f"{p}: '{key}' is {x.dtype}, the model's input '{spec.name}' is {spec.dtype}")
-    want = spec.shape[1:]
-    if x.ndim != len(spec.shape) or any(w != -1 and w != g for w, g in zip(want, x.shape[1:])):
-        raise OptimizeError(f"{p}: '{key}' has shape {list(x.shape)}, the model's input '{spec.name}' is {spec.shape}")
-    if len(x) == 0:
-        raise OptimizeError(f"{p}: '{key}' is empty")
-    y = data.get("label")
-    if need_labels and y is None:
-        raise OptimizeError(f"{p}: no 'label' array (needed to measure accuracy)")
-    if y is not None and len(y) != len(x):
-        raise OptimizeError(f"{p}: {len(x)} inputs but {len(y)} labels")
-    return np.ascontiguousarray(x), y
-
-
-def load_calibration(src: ModelSource, calib: str | Path | None, spec: TensorSpec | None = None) -> np.ndarray:
-    path = calib or src.calib
-    if path is None:
-        raise OptimizeError(f"{src.arg}: no calibration data: pass --calib FILE.npz (a model folder's data/calib.npz is used by default)")
-    x, _ = load_npz(path, spec or input_spec(src))
-    return x
-
-
-def eval_data(src: ModelSource | None):
-    """Held-out (x, y): the model folder's data/eval.npz, or the digits eval split."""
-    if src is not None and src.eval is not None:
-        return load_npz(src.eval, input_spec(src), what="evaluation", need_labels=True)
-    from . import digits
-
-    s = digits.load_splits(DATA_SEED)
-    return s.x_eval, s.y_eval
 
 
 # --------------------------------------------------------------------------- torch module
@@ -265,6 +190,12 @@ def digits_config_from_weights(w: dict[str, np.ndarray]) -> dict[str, Any]:
     }
 
 
+def _input_name(src: ModelSource) -> str:
+    from backends.signature import read_signature
+
+    return read_signature({k: v for k, v in (("onnx", src.onnx), ("pt2", src.pt2)) if v is not None})[0][0].name
+
+
 def load_module(src: ModelSource, *, check: bool = True):
     """A trainable ``DigitsCNN`` with the source's weights; checked against the source's own outputs."""
     import torch
@@ -283,111 +214,14 @@ def load_module(src: ModelSource, *, check: bool = True):
     model.eval()
     if check:
         x = np.random.default_rng(0).random((4, cfg["in_channels"], cfg["image_size"], cfg["image_size"]), dtype=np.float32)
-        ref = reference_logits(src, x)
+        from backends.reference import Reference
+
+        ref = next(iter(Reference({k: v for k, v in (("onnx", src.onnx), ("pt2", src.pt2)) if v is not None}).infer(
+            {_input_name(src): x}).values()))
         got = digits.predict_logits(model, x)
         if ref.shape != got.shape or float(np.abs(ref - got).max()) > 1e-4:
             raise OptimizeError(f"{src.primary}: could not rebuild the network as a DigitsCNN (outputs differ); prune/distill need a DigitsCNN-family model")
     return model
-
-
-def reference_logits(src: ModelSource, x: np.ndarray) -> np.ndarray:
-    """Outputs of the source itself: ONNX Runtime on the ONNX file, else the ExportedProgram."""
-    if src.onnx is not None:
-        import onnxruntime as ort
-
-        sess = ort.InferenceSession(str(src.onnx), providers=["CPUExecutionProvider"])
-        return sess.run(None, {sess.get_inputs()[0].name: x})[0]
-    import torch
-
-    with torch.no_grad():
-        return load_exported(src.pt2).module()(torch.from_numpy(x)).numpy()
-
-
-# --------------------------------------------------------------------------- exports / output folder
-
-
-def export(model, onnx_path: Path | None, pt2_path: Path | None, metadata: dict[str, str] | None = None) -> None:
-    """Export a torch module to ONNX (input ``input``, output ``logits``, dynamic batch) and/or ``.pt2``."""
-    import torch
-
-    from .build_default_model import export_onnx, export_pt2
-
-    model.eval()
-    cfg = getattr(model, "config", {"in_channels": 1, "image_size": 8})
-    example = torch.zeros(2, cfg["in_channels"], cfg["image_size"], cfg["image_size"])
-    if onnx_path is not None:
-        export_onnx(model, example, onnx_path, metadata or {})
-    if pt2_path is not None:
-        export_pt2(model, example, pt2_path)
-
-
-def _yaml_config(backend: str, precision: str, max_drop: float, comment: str, backend_options: dict | None) -> str:
-    lines = [f"# {line}" for line in comment.splitlines()] + [
-        f"backend: {backend}",
-        f"precision: {precision}",
-    ]
-    if backend != "onnxruntime":
-        lines.append("fallback: [onnxruntime]" if precision == "fp32" else f"fallback: [{backend}:fp32, onnxruntime]")
-    lines += [
-        "max_batch_size: 32",
-        "dynamic_batching: {max_queue_delay_ms: 2, preferred_batch_sizes: [8, 16, 32], max_queue_size: 1024}",
-        "instances: 1",
-        "verify: {atol: 1.0e-4, rtol: 1.0e-3, samples: data/calib.npz}" if precision == "fp32"
-        else "verify: {atol: 0.5, rtol: 0.5, samples: data/calib.npz}  # int8: the accuracy gate is the real check",
-        f"accuracy: {{dataset: data/eval.npz, metric: top1, max_drop: {max_drop}}}",
-    ]
-    if backend_options:
-        lines.append("backend_options: " + json.dumps(backend_options))
-    return "\n".join(lines) + "\n"
-
-
-def write_model_folder(
-    out: Path,
-    *,
-    src: ModelSource | None,
-    model=None,
-    onnx_file: Path | None = None,
-    backend: str = "onnxruntime",
-    precision: str = "fp32",
-    max_drop: float = 0.01,
-    info: dict[str, Any] | None = None,
-    comment: str = "written by kiln optimize",
-    backend_options: dict | None = None,
-) -> Path:
-    """Write a servable model folder. ``model`` (torch) is exported to ONNX + .pt2; ``onnx_file`` is copied as is."""
-    from . import digits
-    from .build_default_model import save_npz_deterministic
-
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OptimizeError(f"{out}: exists and is not a folder")
-    vdir = out / "1"
-    vdir.mkdir(parents=True, exist_ok=True)
-    for stale in ("model.onnx", "model.pt2"):
-        (vdir / stale).unlink(missing_ok=True)
-    meta = {"kiln.built_by": (info or {}).get("command", "kiln optimize")}
-    if model is not None:
-        export(model, vdir / "model.onnx", vdir / "model.pt2", meta)
-    elif onnx_file is not None:
-        shutil.copyfile(onnx_file, vdir / "model.onnx")
-    else:
-        raise ValueError("write_model_folder needs model or onnx_file")
-    data = out / "data"
-    data.mkdir(exist_ok=True)
-    for key in ("calib", "eval"):
-        have = getattr(src, key, None) if src is not None else None
-        target = data / f"{key}.npz"
-        if have is not None:
-            if Path(have).resolve() != target.resolve():
-                shutil.copyfile(have, target)
-        elif not target.exists():
-            s = digits.load_splits(DATA_SEED)
-            x, y = (s.x_calib, s.y_calib) if key == "calib" else (s.x_eval, s.y_eval)
-            save_npz_deterministic(target, input=x, label=y)
-    (out / "config.yaml").write_text(_yaml_config(backend, precision, max_drop, comment, backend_options))
-    if info is not None:
-        (out / "optimize.json").write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
-    return out
 
 
 def _json_default(o: Any) -> Any:

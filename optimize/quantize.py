@@ -22,8 +22,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from .errors import OptimizeError, StepFailed
 from .hw import Recipe
 

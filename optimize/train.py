@@ -51,8 +51,10 @@ def make_loss(*, labels: np.ndarray | None, classifier: bool, teacher: bool, alp
     if classifier:
         if not teacher:
             return (lambda out, y, t: F.cross_entropy(out, y)), "cross-entropy"
-        return (lambda out, y, t: alpha * F.cross_entropy(out, y) + (1 - alpha) * _kl(out, t, temperature),
-                f"{alpha}·CE + {1 - alpha:g}·KL·T² (T={temperature})")
+        from .distill import kd_loss
+
+        kd = kd_loss(alpha, temperature)
+        return (lambda out, y, t: kd(out, t, y)), f"{alpha}·CE + {1 - alpha:g}·KL·T² (T={temperature})"
     if not teacher:
         return (lambda out, y, t: F.mse_loss(out.reshape(y.shape), y)), "MSE"
     return (lambda out, y, t: alpha * F.mse_loss(out.reshape(y.shape), y) + (1 - alpha) * F.mse_loss(out, t),
