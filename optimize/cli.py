@@ -424,7 +424,16 @@ def report(
     """Run every technique on the model, measure each result on every backend, and write the verdict table."""
     from . import report as rp
 
+    from .bench import check_backend
+    from .errors import OptimizeError
+
     blist = [b.strip() for b in backends.split(",") if b.strip()] if backends else None
+    for b in blist or []:
+        check_backend(b)
+    if max_drop < 0:
+        raise OptimizeError(f"--max-drop must be ≥ 0 (in the metric's unit), got {max_drop}")
+    if not min_speedup >= 1.0:
+        raise OptimizeError(f"--min-speedup must be ≥ 1.0, got {min_speedup}")
     _silence_libraries()
     c = _console()
     w = _workload(model, weights, model_arg, data, calib, train, eval_, image_size, mean, std, metric, hib, seed)

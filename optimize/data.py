@@ -100,9 +100,10 @@ def load_npz(path: Path, input_names: list[str]) -> Data:
         raise OptimizeError(f"{path}: no input arrays (found only {label_key})")
     if input_names and set(input_names) <= set(arrays):
         inputs = {n: arrays[n] for n in input_names}
-    elif len(arrays) == 1 and len(input_names) <= 1:
-        # One array for a one-input model: its name need not match (the server reads it the same way).
-        inputs = {(input_names or list(arrays))[0]: next(iter(arrays.values()))}
+    elif not input_names:  # a factory's inputs are named by its data
+        inputs = arrays
+    elif len(input_names) == 1 and list(arrays) == ["input"]:
+        inputs = {input_names[0]: arrays["input"]}  # the toolkit's own one-input files (data/calib.npz)
     else:
         raise OptimizeError(f"{path}: arrays {sorted(arrays)} do not match the model's inputs {input_names} "
                             "(name each array after an input; labels go in 'labels')")
@@ -139,28 +140,28 @@ def load_image_folder(path: Path, input_names: list[str], opts: ImageOptions) ->
                 f"{path} (classes: {', '.join(classes)})")
 
 
-def load_data(spec: str | Path, input_names: list[str], images: ImageOptions | None = None) -> Data:
+def load_data(spec: str | Path, input_names: list[str], images: ImageOptions | None = None, what: str = "--data") -> Data:
     """Read one DATA argument (see the module docstring)."""
     from .source import is_factory_spec, load_python_function
 
     text = str(spec)
     if is_factory_spec(text):
-        func = load_python_function(text, "--data")
+        func = load_python_function(text, what)
         try:
             got = func()
         except Exception as err:
-            raise OptimizeError(f"--data {text} raised {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}") from None
+            raise OptimizeError(f"{what} {text} raised {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}") from None
         if not isinstance(got, tuple) or len(got) != 2:
-            raise OptimizeError(f"--data {text} must return (inputs, labels), got {type(got).__name__}")
+            raise OptimizeError(f"{what} {text} must return (inputs, labels), got {type(got).__name__}")
         return _from_arrays(got[0], got[1], text, input_names)
     path = Path(text)
     if not path.exists():
-        raise OptimizeError(f"--data {path}: no such file or directory")
+        raise OptimizeError(f"{what} {path}: file not found")
     if path.is_dir():
         return load_image_folder(path, input_names, images or ImageOptions())
     if path.suffix == ".npz":
         return load_npz(path, input_names)
-    raise OptimizeError(f"--data {path}: expected an .npz, an image folder with class sub-folders, or file.py:function")
+    raise OptimizeError(f"{what} {path}: expected an .npz, an image folder with class sub-folders, or file.py:function")
 
 
 def check_against(data: Data, inputs) -> None:

@@ -124,11 +124,24 @@ def _load_parts(args: DataArgs, names: list[str]) -> dt.Splits | None:
             raise OptimizeError("give --data (split here) or --calib/--train/--eval (given apart), not both")
         return dt.split(load(args.data), seed=args.seed)
     if args.eval is not None:
-        return dt.given_apart(load(args.calib) if args.calib else None, load(args.train) if args.train else None,
-                              load(args.eval), seed=args.seed)
-    if args.calib or args.train:
-        raise OptimizeError("--calib/--train need --eval (the held-out data every result is measured on)")
-    return None
+        return dt.given_apart(load(args.calib, what="--calib") if args.calib else None,
+                              load(args.train, what="--train") if args.train else None, load(args.eval, what="--eval"),
+                              seed=args.seed)
+    return None  # the model's default data; --calib/--train alone replace those parts of it (_override)
+
+
+def _override(splits: dt.Splits, args: DataArgs, names: list[str]) -> dt.Splits:
+    for key in ("calib", "train"):
+        spec = getattr(args, key)
+        if spec is not None:
+            part = dt.load_data(spec, names, args.image, what=f"--{key}")
+            if key == "train":
+                given = dt.given_apart(None, part, splits.eval, seed=args.seed)
+                splits.train, splits.val = given.train, given.val
+            else:
+                splits.calib = part
+            splits.how[key] = part.origin
+    return splits
 
 
 def _folder_parts(model: Model, names: list[str]) -> dt.Splits | None:
@@ -153,6 +166,8 @@ def build(model_arg: str, *, weights: Path | None = None, model_args: list[str] 
         splits = dt.digits_splits()
     if splits is None:
         splits = _folder_parts(model, names)
+    if splits is not None and data.data is None and data.eval is None:
+        splits = _override(splits, data, names)
     if splits is None:
         raise OptimizeError(f"{model_arg}: give the data to measure on: --data FILE.npz | IMAGE_FOLDER | file.py:function "
                             "(or --calib/--train/--eval); the bundled digits are only the bundled model's default")
