@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Backend, BackendBase, BackendUnavailable, CompileFailed, CompileOptions, Runner, TensorInfo
+from .base import Backend, BackendBase, BackendUnavailable, CompileFailed, CompileOptions, Int8Recipe, Runner, TensorInfo
 
 # name -> "module:Class". Modules import their runtime lazily, so a missing runtime never breaks
 # the registry; `available()` says what is missing.
@@ -41,6 +41,7 @@ __all__ = [
     "BackendUnavailable",
     "CompileFailed",
     "CompileOptions",
+    "Int8Recipe",
     "DEFAULT_BACKEND",
     "Runner",
     "TensorInfo",

@@ -42,6 +42,15 @@ class CompileOptions:
         }
 
 
+@dataclass(frozen=True)
+class Int8Recipe:
+    """How a backend builds INT8 on a given CPU, and why (shown by `kiln optimize quantize` and the report)."""
+
+    name: str
+    reason: str
+    extra: dict[str, Any] = field(default_factory=dict)  # backend_options the recipe compiles with
+
+
 class Runner(Protocol):
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
@@ -75,6 +84,13 @@ class Backend(Protocol):
 
     def is_reference(self, source_format: str, options: CompileOptions) -> bool: ...
 
+    # INT8 recipe on a CPU: `mode` "static" (calibrated) or "dynamic"; `units` names the CPU's int8
+    # dot-product units in words; `int8_dot`: it has VNNI/AMX/sdot; `x86`: an x86 CPU. None: no such mode.
+    # `int8_isa`: the optimize.hw ISA flags its int8 kernels exploit, best first (ranks `--backend auto`).
+    int8_isa: tuple[str, ...]
+
+    def int8_recipe(self, mode: str, units: str, int8_dot: bool, x86: bool) -> Int8Recipe | None: ...
+
 
 class BackendBase:
     """Defaults for the optional hooks, so callers call them instead of probing with hasattr."""
@@ -84,6 +100,7 @@ class BackendBase:
     precisions: tuple[str, ...] = ("fp32",)
     platform = ""
     artifact_formats: tuple[str, ...] = ()
+    int8_isa: tuple[str, ...] = ()
 
     def load_artifact(self, path: Path, options: CompileOptions) -> Runner:
         """Serve an artifact the user brought (one of artifact_formats), built elsewhere."""
@@ -101,6 +118,10 @@ class BackendBase:
         """True when a build with these options computes exactly what the FP32 reference computes
         (backends/reference.py), so a gate that cannot run proves nothing either way about it."""
         return False
+
+    def int8_recipe(self, mode: str, units: str, int8_dot: bool, x86: bool) -> Int8Recipe | None:
+        """The INT8 recipe this backend compiles on such a CPU; None when it builds no INT8 of that mode."""
+        return None
 
 
 class BackendUnavailable(RuntimeError):

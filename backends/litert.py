@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import BackendBase, CompileFailed, CompileOptions
+from .base import BackendBase, CompileFailed, CompileOptions, Int8Recipe
 
 INDEX = "litert.json"
 
@@ -131,6 +131,14 @@ class LiteRTBackend(BackendBase):
     artifact_formats = ("tflite",)
     source_formats = ("pt2",)
     precisions = ("fp32", "int8")
+    int8_isa = ("arm_i8mm", "arm_dotprod")  # XNNPACK's qs8 kernels
+
+    def int8_recipe(self, mode: str, units: str, int8_dot: bool, x86: bool) -> Int8Recipe | None:
+        if mode != "static":
+            return None
+        return Int8Recipe("LiteRT PT2E static INT8 (XNNPACK quantizer, per-channel weights)",
+                          f"{units}: XNNPACK's qs8 kernels " + ("use the int8 dot-product instructions" if int8_dot
+                                                                else "emulate int8 dot products"))
 
     def version(self) -> str:
         from importlib.metadata import PackageNotFoundError, version

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import BackendBase, CompileFailed, CompileOptions
+from .base import BackendBase, CompileFailed, CompileOptions, Int8Recipe
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
@@ -80,6 +80,22 @@ class OnnxRuntimeBackend(BackendBase):
     platform = "onnxruntime_onnx"
     source_formats = ("onnx",)
     precisions = ("fp32", "fp16", "int8")
+    int8_isa = ()  # MLAS int8 GEMM runs on any CPU
+
+    def int8_recipe(self, mode: str, units: str, int8_dot: bool, x86: bool) -> Int8Recipe | None:
+        reduce_range = not int8_dot and x86
+        if mode == "dynamic":
+            return Int8Recipe(
+                "ONNX Runtime dynamic INT8 (quantize_dynamic: int8 weights, activations quantized per call; "
+                "MatMulInteger/ConvInteger)",
+                f"{units}: no calibration needed; pays off for MatMul-heavy models, usually slower for convolutions "
+                "(ConvInteger has no fused fast path)", {"reduce_range": reduce_range})
+        if mode != "static":
+            return None
+        why = (f"{units}: full 8-bit weights (u8 activations × s8 weights accumulate exactly in VNNI/AMX/sdot)"
+               if not reduce_range else f"{units}: 7-bit weights (reduce_range) so u8×s8 pairwise sums cannot saturate vpmaddubsw")
+        return Int8Recipe("ONNX Runtime static QDQ (quantize_static: u8 activations, s8 per-channel weights, MinMax calibration)",
+                          why, {"reduce_range": reduce_range})
 
     def version(self) -> str:
         import onnxruntime as ort
@@ -173,6 +189,7 @@ def quantize_int8(source: Path, options: CompileOptions, workdir: Path) -> Path:
             per_channel=bool(extra.get("per_channel", True)),
             activation_type=getattr(QuantType, extra.get("activation_type", "QUInt8")),
             weight_type=getattr(QuantType, extra.get("weight_type", "QInt8")),
+            reduce_range=bool(extra.get("reduce_range", False)),
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
         )
     except Exception as err:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import BackendBase, CompileFailed, CompileOptions
+from .base import BackendBase, CompileFailed, CompileOptions, Int8Recipe
 
 HINTS = {"fp32": "f32", "fp16": "f16", "int8": "f32"}
 
@@ -78,6 +78,14 @@ class OpenVinoBackend(BackendBase):
     artifact_formats = ("openvino_ir",)
     source_formats = ("onnx", "pt2")
     precisions = ("fp32", "fp16", "int8")
+    int8_isa = ("amx_int8", "amx_tile", "avx512_vnni", "avx_vnni")  # oneDNN's int8 kernels
+
+    def int8_recipe(self, mode: str, units: str, int8_dot: bool, x86: bool) -> Int8Recipe | None:
+        if mode != "static":
+            return None
+        return Int8Recipe("OpenVINO NNCF post-training quantization (nncf.quantize, performance preset: symmetric INT8 "
+                          "weights and activations)",
+                          f"{units}: oneDNN picks " + ("AMX/VNNI int8 kernels" if int8_dot and x86 else "its generic int8 kernels (smaller gain)"))
 
     def version(self) -> str:
         import openvino as ov

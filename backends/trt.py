@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import BackendBase, BackendUnavailable, CompileFailed, CompileOptions
+from .base import BackendBase, BackendUnavailable, CompileFailed, CompileOptions, Int8Recipe
 
 ENGINE = "model.engine"
 
@@ -231,6 +231,13 @@ class TensorRTBackend(BackendBase):
     artifact_formats = ("plan",)
     source_formats = ("onnx",)
     precisions = ("fp32", "fp16", "int8")
+    int8_isa = ()  # a GPU backend: the CPU's ISA does not matter
+
+    def int8_recipe(self, mode: str, units: str, int8_dot: bool, x86: bool) -> Int8Recipe | None:
+        if mode != "static":
+            return None
+        return Int8Recipe("TensorRT INT8 (IInt8EntropyCalibrator2 on the calibration data; backend_options.trt_int8: qdq "
+                          "for explicit Q/DQ)", "the GPU's INT8 tensor cores; the CPU does not take part")
 
     def version(self) -> str:
         try:

@@ -64,7 +64,7 @@ def available_backends(runnable: bool = True) -> list[str]:
         try:
             be = get_backend(n)
             ok, _ = be.available()
-            if ok and runnable and hasattr(be, "compile_only"):
+            if ok and runnable:
                 ok = not be.compile_only()[0]
         except Exception:
             ok = False
@@ -144,11 +144,12 @@ def artifact_bytes(artifact: Path) -> int:
 def measure(backend_name: str, sources: dict[str, Path], *, precision: str = "fp32", inputs: dict[str, np.ndarray],
             evaluate=None, calibration: dict[str, np.ndarray] | None = None, batches: tuple[int, ...] = (1, 32),
             runs: int = 200, extra: dict | None = None, workdir: Path | None = None, io: tuple | None = None,
-            progress: bool = False) -> Measurement:
+            progress: bool = False, runs_batched: int | None = None, warmup: int = 10) -> Measurement:
     """Compile + load + metric + time, the way Kiln serves it; a failure is returned as ``ok=False`` with the reason.
 
     ``evaluate(runner) -> float`` is the workload's metric on the compiled artifact; ``inputs`` are the rows
-    timed (``backends.timing.time_runner``: the one statistic, median of the quietest block)."""
+    timed (``backends.timing.time_runner``: the one statistic, median of the quietest block); ``runs`` calls at
+    batch 1, ``runs_batched`` (default a quarter, at least 20) at larger batches."""
     from backends.timing import time_runner
 
     m = Measurement(backend_name, precision, ok=False)
@@ -169,13 +170,13 @@ def measure(backend_name: str, sources: dict[str, Path], *, precision: str = "fp
         try:
             if evaluate is not None:
                 m.accuracy = evaluate(runner)
-            counts = {b: runs if b == 1 else max(runs // 4, 20) for b in batches}
+            counts = {b: runs if b == 1 else (runs_batched or max(runs // 4, 20)) for b in batches}
             if progress:
                 from tqdm.auto import tqdm
 
                 bar = tqdm(total=sum(counts.values()), desc=f"time {backend_name} {precision}", unit="call", leave=False)
             for b in batches:
-                t = time_runner(runner, inputs, b, counts[b], warmup=10, blocks=3, progress=bar.update if bar else None)
+                t = time_runner(runner, inputs, b, counts[b], warmup=warmup, blocks=3, progress=bar.update if bar else None)
                 m.p50_ms[b] = t.median_ms
                 m.spread_ms[b] = t.spread_ms
             m.ok = True

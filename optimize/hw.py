@@ -93,53 +93,41 @@ class Recipe:
     extra: dict = field(default_factory=dict)  # hints passed to the backend's compile (backend_options)
 
 
-def auto_backend(cpu: CpuInfo, available: list[str]) -> tuple[str, str]:
-    """The backend whose INT8 path suits this CPU best, among those available."""
-    prefs: list[tuple[str, str]] = []
-    if cpu.amx or cpu.vnni:
-        prefs.append(("openvino", "AMX/VNNI int8 kernels in oneDNN (OpenVINO) use the CPU's int8 dot-product units"))
+def int8_units(cpu: CpuInfo) -> str:
+    """The CPU's int8 dot-product units, in words."""
+    if cpu.amx:
+        return "AMX int8 tiles" + (" + AVX-512 VNNI" if cpu.vnni else "")
+    if cpu.vnni:
+        return "AVX-512 VNNI" if cpu.isa.get("avx512_vnni") else "AVX-VNNI"
     if cpu.isa.get("arm_dotprod") or cpu.isa.get("arm_i8mm"):
-        prefs.append(("litert", "XNNPACK's int8 kernels use ARM sdot/i8mm"))
-    prefs.append(("onnxruntime", "ONNX Runtime QDQ runs on any CPU (MLAS int8 GEMM)"))
-    for name, why in prefs:
-        if name in available:
-            return name, why
+        return "ARM dot-product" + (" + i8mm" if cpu.isa.get("arm_i8mm") else "")
+    if cpu.isa.get("avx2"):
+        return "AVX2 only (no VNNI)"
+    return "no int8 SIMD"
+
+
+def auto_backend(cpu: CpuInfo, available: list[str]) -> tuple[str, str]:
+    """The available backend whose int8 kernels use this CPU's int8 units (each backend's ``int8_isa``), else the
+    first available backend with a CPU-independent int8 path."""
+    from backends import get_backend
+
+    for name in available:
+        used = [f for f in get_backend(name).int8_isa if cpu.isa.get(f)]
+        if used:
+            return name, f"its int8 kernels use the CPU's {', '.join(used)}"
+    for name in available:
+        be = get_backend(name)
+        if not be.int8_isa and be.int8_recipe("static", int8_units(cpu), cpu.int8_dot, cpu.arch in ("x86_64", "AMD64")):
+            return name, "its int8 path runs on any CPU"
     return available[0], "the only backend available"
 
 
 def choose_recipe(backend: str, mode: str, cpu: CpuInfo | None = None) -> Recipe:
-    """Which INT8 recipe the backend runs on this CPU, and why."""
+    """Which INT8 recipe the backend runs on this CPU, and why: the backend's own ``int8_recipe``."""
+    from backends import get_backend
+
     cpu = cpu or detect()
-    if cpu.amx:
-        units = "AMX int8 tiles" + (" + AVX-512 VNNI" if cpu.vnni else "")
-    elif cpu.vnni:
-        units = "AVX-512 VNNI" if cpu.isa.get("avx512_vnni") else "AVX-VNNI"
-    elif cpu.isa.get("arm_dotprod") or cpu.isa.get("arm_i8mm"):
-        units = "ARM dot-product" + (" + i8mm" if cpu.isa.get("arm_i8mm") else "")
-    elif cpu.isa.get("avx2"):
-        units = "AVX2 only (no VNNI)"
-    else:
-        units = "no int8 SIMD"
-    if backend == "onnxruntime" and mode == "dynamic":
-        return Recipe(backend, mode, "ONNX Runtime dynamic INT8 (quantize_dynamic: int8 weights, activations quantized per call; "
-                      "MatMulInteger/ConvInteger)",
-                      f"{units}: no calibration needed; pays off for MatMul-heavy models, usually slower for convolutions "
-                      "(ConvInteger has no fused fast path)",
-                      {"reduce_range": not cpu.int8_dot and cpu.arch in ("x86_64", "AMD64")})
-    if mode == "dynamic":
-        raise ValueError(f"no dynamic INT8 recipe for backend {backend}")
-    if backend == "onnxruntime":
-        rr = not cpu.int8_dot and cpu.arch in ("x86_64", "AMD64")
-        why = (f"{units}: full 8-bit weights (u8 activations × s8 weights accumulate exactly in VNNI/AMX/sdot)"
-               if not rr else f"{units}: 7-bit weights (reduce_range) so u8×s8 pairwise sums cannot saturate vpmaddubsw")
-        return Recipe(backend, mode, "ONNX Runtime static QDQ (quantize_static: u8 activations, s8 per-channel weights, "
-                      "MinMax calibration)", why, {"reduce_range": rr})
-    if backend == "openvino":
-        return Recipe(backend, mode, "OpenVINO NNCF post-training quantization (nncf.quantize, performance preset: symmetric INT8 weights and activations)",
-                      f"{units}: oneDNN picks " + ("AMX/VNNI int8 kernels" if (cpu.amx or cpu.vnni) else "AVX2 int8 kernels (smaller gain)"),
-                      {})
-    if backend == "litert":
-        return Recipe(backend, mode, "LiteRT PT2E static INT8 (XNNPACK quantizer, per-channel weights)",
-                      f"{units}: XNNPACK's qs8 kernels " + ("use the int8 dot-product instructions" if cpu.int8_dot else "emulate int8 dot products"),
-                      {})
-    return Recipe(backend, mode, f"{backend} int8 (the backend's own recipe)", units, {})
+    rc = get_backend(backend).int8_recipe(mode, int8_units(cpu), cpu.int8_dot, cpu.arch in ("x86_64", "AMD64"))
+    if rc is None:
+        raise ValueError(f"no {mode} INT8 recipe for backend {backend}")
+    return Recipe(backend, mode, rc.name, rc.reason, dict(rc.extra))

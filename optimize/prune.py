@@ -1,6 +1,6 @@
-"""``kiln optimize prune``: L1 unstructured magnitude pruning and dependency-aware channel pruning.
+"""``kiln optimize prune``: L1 unstructured magnitude pruning and dependency-aware channel pruning, on any module.
 
-- ``l1-unstructured``: ``torch.nn.utils.prune.l1_unstructured`` on every Conv2d/Linear weight (the
+- ``l1-unstructured``: ``torch.nn.utils.prune.l1_unstructured`` on every Conv/Linear weight (the
   output layer included) with the given ``amount``; fine-tuning keeps the masks (the pruning
   re-parametrisation multiplies ``weight_orig`` by ``weight_mask`` in every forward), then
   ``prune.remove`` makes it permanent. The tensors stay dense: the model has zeros, not fewer
@@ -8,10 +8,12 @@
 - ``channel``: torch-pruning's ``MetaPruner`` on a ``DependencyGraph`` with L1-norm (magnitude)
   importance removes whole output channels/features (``amount`` of them in every prunable layer) and
   the matching inputs of whatever consumes them (flatten → linear, residual adds and concats stay
-  consistent because DepGraph groups coupled layers). The classifier output is never pruned.
-  The result is a smaller dense ``DigitsCNN`` (fewer channels), rebuilt from the new shapes.
+  consistent because DepGraph groups coupled layers; depthwise convs keep groups = channels;
+  ``nn.MultiheadAttention`` keeps its embedding a multiple of the head count). The output layer(s) —
+  found by a traced forward — and ``--ignore`` layers are never pruned. The result is the same module,
+  smaller and dense, exported as it is.
 
-Fine-tuning uses the digits training split (the held-out eval split is only measured).
+Fine-tuning is ``optimize.train.finetune`` on the training split (the held-out split is only measured).
 """
 
 from __future__ import annotations
@@ -25,27 +27,6 @@ from .errors import OptimizeError
 METHODS = ("l1-unstructured", "channel")
 
 
-@dataclass
-class PruneResult:
-    model: Any  # torch module (DigitsCNN)
-    method: str
-    amount: float
-    params_before: int
-    params_after: int
-    nonzero_before: int
-    nonzero_after: int
-    sparsity: float  # fraction of zero weights in the prunable (Conv/Linear weight) tensors
-    acc_before: float
-    acc_pruned: float  # right after pruning, before fine-tuning
-    acc_after: float  # after fine-tuning
-    finetune_epochs: int
-
-    def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "model"}
-        d["config"] = dict(self.model.config)
-        return d
-
-
 def validate(method: str, amount: float, finetune_epochs: int, round_to: int | None = None) -> None:
     if round_to is not None and not 1 <= round_to <= 256:
         raise OptimizeError(f"--round-to must be between 1 and 256, got {round_to}")
@@ -57,16 +38,10 @@ def validate(method: str, amount: float, finetune_epochs: int, round_to: int | N
         raise OptimizeError(f"--finetune-epochs must be between 0 and 1000, got {finetune_epochs}")
 
 
-def _prunable(model):
-    from torch import nn
-
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-
-
 def weight_sparsity(model) -> tuple[float, int, int]:
     """(zero fraction, nonzero, total) over the Conv2d/Linear weight tensors."""
     total = zeros = 0
-    for _, m in _prunable(model):
+    for _, m in prunable_layers(model):
         w = m.weight.detach()
         total += w.numel()
         zeros += int((w == 0).sum())
@@ -77,108 +52,16 @@ def count_nonzero(model) -> int:
     return sum(int((p.detach() != 0).sum()) for p in model.parameters())
 
 
-def l1_unstructured(model, amount: float):
-    from torch.nn.utils import prune
-
-    for _, m in _prunable(model):
-        prune.l1_unstructured(m, name="weight", amount=amount)
-    return model
-
-
-def make_permanent(model):
-    from torch.nn.utils import prune
-
-    for _, m in _prunable(model):
-        if prune.is_pruned(m):
-            prune.remove(m, "weight")
-    return model
-
-
-def channel_prune_module(model, amount: float, example, ignored_layers=None, round_to: int | None = None):
-    """Structured pruning of any module with torch-pruning: ``amount`` of every prunable group's channels go.
-
-    A ``DependencyGraph`` traced from ``example`` groups coupled layers (a conv and the BN/conv/linear
-    that consume its channels, both sides of a residual add, the slices of a concat), so every group
-    loses the same channel indices everywhere and the network stays consistent. Importance: L1 norm
-    (magnitude) of each channel's weights, summed over the group. ``ignored_layers`` (default: the last
-    Conv/Linear, i.e. the output) keep their output width. ``round_to``: keep channel counts a multiple of
-    this (SIMD blocking: odd counts such as 11/22 run slower than 16/32 in ONNX Runtime's NCHWc kernels).
-    Pruned in place; returns the module.
-    """
-    import torch_pruning as tp
-
-    if ignored_layers is None:
-        ignored_layers = [m for _, m in _prunable(model)][-1:]
-    pruner = tp.pruner.MetaPruner(
-        model, example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=amount,
-        ignored_layers=list(ignored_layers), round_to=round_to,
-    )
-    pruner.step()
-    return model
-
-
-def channel_prune(model, amount: float, example=None, round_to: int | None = None):
-    """Channel-prune a DigitsCNN and rebuild it as a plain DigitsCNN with the new widths."""
-    import torch
-
-    from . import digits
-
-    cfg = dict(model.config)
-    example = example if example is not None else torch.zeros(1, cfg["in_channels"], cfg["image_size"], cfg["image_size"])
-    channel_prune_module(model, amount, example, round_to=round_to)
-    # Rebuild a clean DigitsCNN with the new widths (so .config, export and later tools see a plain model).
-    new_widths = tuple(m.out_channels for m in model.features if isinstance(m, torch.nn.Conv2d))
-    linears = [m for m in model.classifier if isinstance(m, torch.nn.Linear)]
-    cfg.update(widths=new_widths, hidden=linears[0].out_features if len(linears) == 2 else 0)
-    rebuilt = digits.DigitsCNN(**cfg)
-    rebuilt.load_state_dict(model.state_dict())
-    rebuilt.eval()
-    return rebuilt
-
-
-def prune_model(model, splits, method: str, amount: float, finetune_epochs: int = 0, *, lr: float = 1e-3,
-                seed: int = 0, progress: bool = False, x_eval=None, y_eval=None, round_to: int | None = None) -> PruneResult:
-    """Prune a DigitsCNN (a copy) and fine-tune it on ``splits``' training data. Accuracy measured on (x_eval, y_eval)."""
-    from . import digits
-
-    validate(method, amount, finetune_epochs)
-    x_eval = splits.x_eval if x_eval is None else x_eval
-    y_eval = splits.y_eval if y_eval is None else y_eval
-    model = copy.deepcopy(model).eval()
-    params_before, nz_before = digits.count_params(model), count_nonzero(model)
-    acc_before = digits.evaluate(model, x_eval, y_eval)
-    if method == "l1-unstructured":
-        l1_unstructured(model, amount)
-        acc_pruned = digits.evaluate(model, x_eval, y_eval)
-        if finetune_epochs:
-            # Masks stay attached during fine-tuning: pruned weights get no updates that matter (weight = orig * mask).
-            digits.train(model, splits, epochs=finetune_epochs, lr=lr, seed=seed, progress=progress)
-        make_permanent(model)
-    else:
-        model = channel_prune(model, amount, round_to=round_to)
-        acc_pruned = digits.evaluate(model, x_eval, y_eval)
-        if finetune_epochs:
-            digits.train(model, splits, epochs=finetune_epochs, lr=lr, seed=seed, progress=progress)
-    model.eval()
-    sparsity, _, _ = weight_sparsity(model)
-    return PruneResult(
-        model=model, method=method, amount=amount, params_before=params_before, params_after=digits.count_params(model),
-        nonzero_before=nz_before, nonzero_after=count_nonzero(model), sparsity=sparsity, acc_before=acc_before,
-        acc_pruned=acc_pruned, acc_after=digits.evaluate(model, x_eval, y_eval), finetune_epochs=finetune_epochs,
-    )
-
-
 def expected_sparsity(model, amount: float) -> float:
     """The zero fraction ``l1_unstructured(amount)`` gives per tensor (round(amount * numel) zeros each)."""
     total = pruned = 0
-    for _, m in _prunable(model):
+    for _, m in prunable_layers(model):
         n = m.weight.numel()
         total += n
         pruned += int(round(amount * n))
     return pruned / max(total, 1)
 
 
-__all__ = ["METHODS", "PruneResult", "prune_model", "validate", "weight_sparsity", "expected_sparsity", "channel_prune_module"]
 
 
 # --------------------------------------------------------------------------- any torch module
@@ -249,7 +132,7 @@ def channel_prune_any(module, example: tuple, amount: float, *, ignore: list[str
 
 
 @dataclass
-class GenericPruneResult:
+class PruneResult:
     module: Any
     method: str
     amount: float
@@ -267,7 +150,7 @@ class GenericPruneResult:
 
 
 def prune_workload(w, method: str, amount: float, *, finetune_epochs: int, lr: float = 1e-3, seed: int = 0,
-                   ignore: list[str] | None = None, round_to: int | None = None, progress: bool = True) -> GenericPruneResult:
+                   ignore: list[str] | None = None, round_to: int | None = None, progress: bool = True) -> PruneResult:
     """Prune a copy of the workload's torch module, fine-tune it on the training split (train.finetune)."""
     from . import train
     from .source import count_params, example_inputs
@@ -300,9 +183,5 @@ def prune_workload(w, method: str, amount: float, *, finetune_epochs: int, lr: f
             if tprune.is_pruned(m):
                 tprune.remove(m, "weight")
     module.eval()
-    total = zeros = 0
-    for _, m in prunable_layers(module):
-        total += m.weight.numel()
-        zeros += int((m.weight.detach() == 0).sum())
-    return GenericPruneResult(module, method, amount, params_before, count_params(module), zeros / max(total, 1),
+    return PruneResult(module, method, amount, params_before, count_params(module), weight_sparsity(module)[0],
                               w.baseline(), metric_pruned, w.evaluate_module(module), ft.as_dict() if ft else None, kept)

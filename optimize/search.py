@@ -55,7 +55,7 @@ class SearchResult:
     higher_is_better: bool
     candidates: list[Candidate]
     best: Candidate | None
-    eval_metric: float | None = None  # of the final (longer-trained) winner on the held-out split, compiled
+    eval_metric: float | None = None  # of the final (longer-trained) winner on the held-out split (torch module)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     model: object = None
@@ -252,8 +252,8 @@ def render(result: SearchResult, console=None) -> None:
     console.print(t)
     if result.best:
         console.print(f"best under {result.budget_ms} ms: [bold]{result.best.name}[/bold] (val {result.metric} "
-                      f"{result.best.val_metric:.4f}, p50 {result.best.p50_ms:.4f} ms); after final training held-out "
-                      f"{result.metric} {result.eval_metric:.4f}")
+                      f"{result.best.val_metric:.4f} compiled, p50 {result.best.p50_ms:.4f} ms); after final training held-out "
+                      f"{result.metric} {result.eval_metric:.4f} (torch; the written folder's gate measures it compiled)")
     for n in result.notes:
         console.print(n)
     console.print(f"search took {result.seconds} s")

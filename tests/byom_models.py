@@ -205,3 +205,12 @@ def raises(**kwargs) -> nn.Module:
 
 def not_a_module():
     return 42
+
+
+def wine_regression_data():
+    """Wine's first feature (alcohol) regressed from the other twelve: float labels (N, 1)."""
+    from sklearn.datasets import load_wine
+
+    x = load_wine().data.astype(np.float32)
+    x = (x - x.mean(0)) / x.std(0)
+    return {"features": np.ascontiguousarray(x[:, 1:])}, np.ascontiguousarray(x[:, :1])

@@ -18,10 +18,13 @@ def splits():
 
 
 @functools.lru_cache(maxsize=1)
-def default_module():
-    from optimize import modelio
+def default_workload():
+    """The bundled model with its default data (digits) and metric (top1)."""
+    import tempfile
 
-    return modelio.load_module(modelio.resolve(MODEL))
+    from optimize import workload
+
+    return workload.build(str(MODEL), workdir=Path(tempfile.mkdtemp(prefix="kiln-test-")))
 
 
 def build_served(model_dir: Path, cache_dir: Path):
@@ -32,3 +35,24 @@ def build_served(model_dir: Path, cache_dir: Path):
     (mv,) = repo._versions_for(model_dir)  # noqa: SLF001
     mv.build()
     return mv
+
+
+MODELS_PY = Path(__file__).with_name("byom_models.py")
+MLP = f"{MODELS_PY}:mlp"
+WINE = f"{MODELS_PY}:wine_data"
+
+
+def trained_weights(factory: str, data: str, path: Path, *, epochs: int, lr: float = 3e-3, **kwargs) -> Path:
+    """Train a factory's module briefly on all of its data (so metrics mean something) and save the state dict."""
+    import torch
+
+    from optimize import data as dt
+    from optimize import train
+    from optimize.source import Factory
+
+    file, _, fn = factory.rpartition(":")
+    module = Factory(Path(file), fn, kwargs).build()
+    d = dt.load_data(data, [])
+    train.fit(module, d, d.head(64), epochs=epochs, lr=lr, classifier=True, progress=False, desc="pre-train")
+    torch.save(module.state_dict(), path)
+    return path

@@ -51,10 +51,10 @@ def test_student_beats_same_student_without_teacher(tmp_path):
                                  "--no-progress", "--out", str(out)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     info = json.loads((out / "optimize.json").read_text())
-    with_t, without_t = info["eval_top1"], info["baseline"]["eval_top1"]
-    print(f"held-out top-1: teacher {info['teacher_eval_top1']:.4f}, student+teacher {with_t:.4f}, "
+    with_t, without_t = info["student_metric"], info["baseline_metric"]
+    print(f"held-out top-1: teacher {info['teacher_metric']:.4f}, student+teacher {with_t:.4f}, "
           f"student alone {without_t:.4f} (same arch, seed, schedule, early stopping)")
-    assert info["alpha"] == 0.7 and info["temperature"] == 4.0
+    assert info["alpha"] == 0.7 and info["temperature"] == 4.0 and info["student"].endswith("digits.py:DigitsCNN")
     assert info["epochs_run"] <= 40 and 0 <= info["best_epoch"] < info["epochs_run"]
     assert with_t > without_t, f"distilled {with_t:.4f} vs alone {without_t:.4f}"
     assert (out / "1" / "model.onnx").exists() and (out / "1" / "model.pt2").exists() and (out / "config.yaml").exists()

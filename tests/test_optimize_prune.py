@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("torch_pruning")
 
-from tests.optimize_util import MODEL, build_served, default_module, splits  # noqa: E402
+from tests.optimize_util import MODEL, build_served, default_workload  # noqa: E402
 
 MAX_DROP = 0.01  # accuracy limit after fine-tuning (1 point of top-1)
 
@@ -17,17 +17,18 @@ MAX_DROP = 0.01  # accuracy limit after fine-tuning (1 point of top-1)
 def test_l1_unstructured_has_stated_sparsity_and_keeps_accuracy():
     from optimize import prune
 
-    model = default_module()
-    res = prune.prune_model(model, splits(), "l1-unstructured", 0.5, finetune_epochs=8)
+    w = default_workload()
+    model = w.model.module
+    res = prune.prune_workload(w, "l1-unstructured", 0.5, finetune_epochs=8, progress=False)
     assert res.sparsity == pytest.approx(prune.expected_sparsity(model, 0.5), abs=1e-6)
     assert res.sparsity == pytest.approx(0.5, abs=0.005)
     assert res.params_after == res.params_before  # dense tensors: zeros, not fewer parameters
-    assert res.nonzero_after < 0.52 * res.nonzero_before
     # permanent: no masks or *_orig parameters left, zeros survived fine-tuning
-    assert not any(name.endswith(("_orig", "_mask")) for name, _ in res.model.named_parameters())
-    assert not any(name.endswith("_mask") for name, _ in res.model.named_buffers())
-    assert res.acc_before - res.acc_after <= MAX_DROP, res.as_dict()
-    assert default_module() is model and prune.weight_sparsity(model)[0] == 0.0  # the input model is untouched
+    assert not any(name.endswith(("_orig", "_mask")) for name, _ in res.module.named_parameters())
+    assert not any(name.endswith("_mask") for name, _ in res.module.named_buffers())
+    assert prune.weight_sparsity(res.module)[0] == pytest.approx(res.sparsity)
+    assert res.metric_before - res.metric_after <= MAX_DROP, res.as_dict()
+    assert default_workload().model.module is model and prune.weight_sparsity(model)[0] == 0.0  # the input is untouched
 
 
 def test_channel_pruning_removes_channels_and_keeps_accuracy(tmp_path):
@@ -41,17 +42,18 @@ def test_channel_pruning_removes_channels_and_keeps_accuracy(tmp_path):
     assert result.exit_code == 0, result.output
     info = json.loads((out / "optimize.json").read_text())
     assert info["params_after"] < 0.6 * info["params_before"], info
-    assert info["config"]["widths"] == [11, 22] and info["config"]["hidden"] == 44
-    assert info["acc_before"] - info["acc_after"] <= MAX_DROP, info
+    assert info["metric_before"] - info["metric_after"] <= MAX_DROP, info
+    assert info["kept_whole"] == ["classifier.3"] and info["workload"]["metric"]["name"] == "top1"
     # the written model really is smaller and servable as it is
     from optimize import modelio
 
     src = modelio.resolve(out)
     rebuilt = modelio.load_module(src)  # checks ONNX/pt2 reproduce the pruned network
     assert sum(p.numel() for p in rebuilt.parameters()) == info["params_after"]
+    assert rebuilt.config["widths"] == (11, 22) and rebuilt.config["hidden"] == 44
     mv = build_served(out, tmp_path / "cache")
     assert mv.state == "READY", mv.reason
-    assert mv.accuracy["compiled"] == pytest.approx(info["acc_after"], abs=1e-5)
+    assert mv.accuracy["compiled"] == pytest.approx(info["metric_after"], abs=1e-5)
     mv.close()
     # and `kiln serve --repo` serves it over HTTP as it is
     import urllib.request
@@ -78,7 +80,7 @@ def test_depgraph_keeps_residual_and_concat_consistent():
     """Coupled channels (residual add, concat) are pruned together, so the pruned network still runs."""
     from torch import nn
 
-    from optimize.prune import channel_prune_module
+    from optimize.prune import channel_prune_any
 
     class Block(nn.Module):
         def __init__(self):
@@ -99,7 +101,8 @@ def test_depgraph_keeps_residual_and_concat_consistent():
     model = Block().eval()
     x = torch.randn(2, 1, 8, 8)
     before = sum(p.numel() for p in model.parameters())
-    channel_prune_module(model, 0.5, x)
+    _, kept = channel_prune_any(model, (x,), 0.5)
+    assert kept == ["head"]  # the output layer keeps its width
     assert model(x).shape == (2, 10)
     assert model.stem.out_channels == model.a.out_channels == 8
     assert model.b.out_channels + model.c.out_channels == model.head.in_features

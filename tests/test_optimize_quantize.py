@@ -21,11 +21,9 @@ def _backends():
 
 @pytest.fixture(scope="module")
 def data():
-    from optimize import modelio
+    from tests.optimize_util import default_workload
 
-    src = modelio.resolve(MODEL)
-    x, y = modelio.eval_data(src)
-    return src, modelio.load_calibration(src, None), x, y
+    return default_workload()
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "litert"])
@@ -34,8 +32,7 @@ def test_static_int8_keeps_accuracy(backend, data, tmp_path):
 
     if backend not in _backends():
         pytest.skip(f"{backend} not available here")
-    src, calib, x, y = data
-    res = quantize.quantize(src, backend, "static", calib, x, y, out=tmp_path / f"int8-{backend}", runs=30)
+    res = quantize.quantize(data, backend, "static", out=tmp_path / f"int8-{backend}", runs=30, progress=False)
     assert res.int8["ok"] and res.fp32["ok"], res.as_dict()
     assert res.drop is not None and res.drop <= MAX_DROP, res.as_dict()
     assert res.int8["artifact_bytes"] < res.fp32["artifact_bytes"], res.as_dict()  # int8 weights are smaller
@@ -58,7 +55,7 @@ def test_dynamic_int8_onnxruntime_keeps_accuracy_and_serves(data, tmp_path):
                                  "--out", str(out)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     info = json.loads((out / "optimize.json").read_text())
-    assert info["accuracy_drop"] <= MAX_DROP, info
+    assert info["metric_drop"] <= MAX_DROP, info
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(out / "1" / "model.onnx")).graph.node}
