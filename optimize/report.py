@@ -163,10 +163,17 @@ def measure_rows(w, rows: list[Row], backends: list[str], *, batch: int, runs: i
             if r.only_backends and b not in r.only_backends:
                 continue
             log(f"measure {r.key} on {b} ({r.precision})")
-            mm = measure(b, r.sources, precision=r.precision, inputs=w.splits.eval.inputs, evaluate=w.evaluate,
+            parity: dict[str, float] = {}
+
+            def evaluate(runner, parity=parity):
+                if r.precision != "fp32":  # a lossy build of the original: its error decides the written tolerance
+                    parity["max_abs_error"] = w.parity_error(runner)
+                return w.evaluate(runner)
+
+            mm = measure(b, r.sources, precision=r.precision, inputs=w.splits.eval.inputs, evaluate=evaluate,
                          calibration=w.splits.calib.inputs if r.precision == "int8" else None, batches=(1, batch),
                          runs=runs, io=(w.inputs, w.outputs), workdir=out / "work" / r.key / b, progress=progress)
-            r.measurements[b] = mm.as_dict()
+            r.measurements[b] = {**mm.as_dict(), **({"parity_max_abs_error": parity["max_abs_error"]} if parity else {})}
             if r.precision == "int8" and mm.ok and b == "onnxruntime":
                 r.details["onnxruntime_int8_bytes"] = mm.artifact_bytes
 
@@ -230,10 +237,7 @@ def write_kept(w, rows: list[Row], out: Path, max_drop: float) -> None:
         else:
             m = r.measurements[backend]
             extra = hw.choose_recipe(backend, "static").extra if r.precision == "int8" else None
-            tol = None
-            if w.gate_labels() is None:  # regression: parity tolerance from what was measured (metric is relative error)
-                ref = w.reference_outputs("calib")
-                tol = max(2 * abs(w.metric.drop(w.baseline(), m["accuracy"])) * float(abs(ref).max()), 1e-3)
+            tol = 2 * m.get("parity_max_abs_error", 0.0) + 1e-6
             modelio.write_workload_folder(folder, w, sources=dict(w.model.sources), backend=backend, precision=r.precision,
                                           max_drop=max_drop, info=info, backend_options=extra or None, lossy_atol=tol,
                                           comment=f"{r.title} on {backend}: kept by kiln optimize report")

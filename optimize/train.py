@@ -85,6 +85,11 @@ def fit(module, train: Data, val: Data, *, epochs: int, lr: float = 1e-3, seed: 
         vt = None
     opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr)
     gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout and friends
+    threads = torch.get_num_threads()
+    # One intra-op thread, as digits.train: small CI-sized steps lose more to thread hand-offs than they gain,
+    # and on a shared machine a second spinning thread only steals time.
+    torch.set_num_threads(1)
     n = len(train)
     best = {"loss": float("inf"), "epoch": -1, "state": copy.deepcopy(module.state_dict())}
     history: list[dict] = []
@@ -127,6 +132,7 @@ def fit(module, train: Data, val: Data, *, epochs: int, lr: float = 1e-3, seed: 
             if patience and best["epoch"] >= 0 and epoch - best["epoch"] >= patience:
                 break
     finally:
+        torch.set_num_threads(threads)
         if bar is not None:
             bar.close()
     if best["epoch"] >= 0:

@@ -23,7 +23,7 @@ def test_report_rows_are_measured_with_verdicts_and_kept_rows_serve(tmp_path):
     weights = trained_weights(MLP, WINE, tmp_path / "mlp.pt", epochs=30, hidden=128)
     r = CliRunner().invoke(app, ["report", MLP, "--data", WINE, "--model-arg", "hidden=128", "--weights", str(weights),
                                  "--backends", "onnxruntime",
-                                 "--student", MLP, "--student-arg", "hidden=16", "--space", "hidden=8,32",
+                                 "--student", MLP, "--student-arg", "hidden=16", "--space", "hidden=8,32", "--search-budget-ms", "5",
                                  "--quick", "--runs", "30", "--batch", "16", "--max-drop", "0.05", "--no-progress",
                                  "--out", str(out)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
