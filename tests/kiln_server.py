@@ -17,6 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPO = ROOT / "model_repo"
 
 
+def cache_entries(cache: Path) -> list[Path]:
+    """Compile-cache entries: the folders with a manifest (the cache root also holds `auto/` and `monitor/`)."""
+    return [p for p in cache.iterdir() if (p / "manifest.json").is_file()]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from tests.kiln_server import DEFAULT_REPO, start_server
+from tests.kiln_server import DEFAULT_REPO, cache_entries, start_server
 from tests.metrics_util import scrape, value
 
 
@@ -20,10 +20,6 @@ def make_repo(root: Path, broken: bool = False) -> Path:
         (repo / "broken" / "1" / "model.onnx").write_bytes(b"this is not an onnx model")
         (repo / "broken" / "config.yaml").write_text("backend: onnxruntime\n")
     return repo
-
-
-def cache_entries(cache: Path) -> list[Path]:
-    return [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
 
 
 def test_restart_reuses_cache_and_change_rebuilds(tmp_path):

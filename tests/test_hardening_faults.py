@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from tests.hardening_util import add_digits, add_faulty, digits_body
-from tests.kiln_server import start_server
+from tests.kiln_server import cache_entries, start_server
 from tests.metrics_util import scrape, value
 
 
@@ -56,7 +56,7 @@ def test_truncated_artifact_and_manifest_are_rebuilt(tmp_path):
     repo, cache = tmp_path / "repo", tmp_path / "cache"
     add_digits(repo)
     assert start_server(repo, cache, log_dir=tmp_path).stop() == 0
-    (entry,) = [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    (entry,) = cache_entries(cache)
 
     def rebuilt_and_serving() -> None:
         srv = start_server(repo, cache, log_dir=tmp_path)
@@ -143,5 +143,5 @@ def test_readonly_cache_serves_hits_and_builds_misses_in_a_temporary_cache(tmp_p
         assert not fallback.exists(), "the temporary fallback cache outlived the server"
     finally:
         _undo_readonly(cache)
-    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")).__len__() == 1
+    assert len(cache_entries(cache)) == 1
     assert os.access(cache, os.W_OK)
