@@ -48,6 +48,8 @@ LAT_COUNT = "namespace_pod_model_phase:kiln_request_duration_seconds_count:rate1
 BATCH_BUCKET = "namespace_pod_model_le:kiln_batch_size_bucket:rate1m"
 BATCH_SUM = "namespace_pod_model:kiln_batch_size_sum:rate1m"
 BATCH_COUNT = "namespace_pod_model:kiln_batch_size_count:rate1m"
+VREQ = "namespace_pod_model_version_outcome:kiln_inference_requests:rate1m"
+VLAT_BUCKET = "namespace_pod_model_version_le:kiln_request_duration_seconds_bucket:rate1m"
 FEEDBACK = "namespace_pod_model_result:kiln_feedback:rate1m"
 CAPTURE = "namespace_pod_model_result:kiln_capture_samples:rate1m"
 
@@ -273,6 +275,7 @@ def build() -> dict:
               f"/ sum(kiln_compile_cache_total{{{SEL_NO_MODEL}}})")).span(4).height(8))
     )
     d = monitoring_rows(d)
+    d = rollout_row(d)
     out = json.loads(json.dumps(d.build(), cls=JSONEncoder))
     for i, panel in enumerate(out["panels"], 1):  # stable ids, in layout order
         panel["id"] = i
@@ -326,6 +329,56 @@ def monitoring_rows(d: db.Dashboard) -> db.Dashboard:
         .with_panel(timeseries(
             "Capture store bytes by model", "Tensor bytes of each model's captured samples (KILN_MONITOR_MAX_BYTES "
             "bounds the whole store).", "bytes", q(f"sum by (model) (kiln_capture_bytes{{{SEL}}})", "{{model}}")))
+    )
+
+
+def rollout_row(d: db.Dashboard) -> db.Dashboard:
+    """Model updates: the versions a rollout routes to, side by side (service/rollout.py, service/poll.py)."""
+    errors = 'outcome=~"server_error|timeout|rejected"'
+    by = "model, version"
+    return (
+        d.with_row(db.Row("Rollout: canary and shadow versions beside the stable one"))
+        .with_panel(timeseries(
+            "Rollout weight by version", "Share of unversioned requests per version (role stable / canary; for a "
+            "shadow, the share of requests copied to it). A canary at 0 after a rollback.", "percentunit",
+            q(f"max by (model, version, role) (kiln_rollout_weight{{{SEL}}})", "{{model}} v{{version}} {{role}}")))
+        .with_panel(timeseries(
+            "Disagreement with the stable version",
+            "Rows on which a canary / shadow answers differently from the stable version on the same inputs "
+            "(top-1, or relative error above rtol): over the guard's window (gauge) and over the rate interval.",
+            "percentunit",
+            q(f"max by (model, version, baseline) (kiln_version_disagreement{{{SEL}}})",
+              "{{model}} v{{version}} vs v{{baseline}} (window)"),
+            q(f"sum by (model, version, baseline) (rate(kiln_version_disagreeing_rows_total{{{SEL}}}[$__rate_interval]) "
+              f"or 0 * rate(kiln_version_compared_rows_total{{{SEL}}}[$__rate_interval])) "
+              f"/ sum by (model, version, baseline) (rate(kiln_version_compared_rows_total{{{SEL}}}[$__rate_interval]))",
+              "{{model}} v{{version}} vs v{{baseline}}", "B")))
+        .with_panel(timeseries(
+            "Error ratio by version", "Server errors, timeouts and rejections / requests, per version (what the "
+            "guard's max_error_rate reads, over its own window: the dashed series).", "percentunit",
+            q(f"(sum by ({by}) ({VREQ}{{{SEL}, {errors}}}) or 0 * sum by ({by}) ({VREQ}{{{SEL}}})) "
+              f"/ sum by ({by}) ({VREQ}{{{SEL}}})", "{{model}} v{{version}}"),
+            q(f"max by ({by}) (kiln_rollout_window_error_rate{{{SEL}}})", "{{model}} v{{version}} (guard window)",
+              "B")))
+        .with_panel(timeseries(
+            "Latency p50 / p99 by version", "End-to-end latency per version, and the p99 the guard's max_p99_ms "
+            "reads over its window.", "s",
+            q(f"histogram_quantile(0.5, sum by (le, {by}) ({VLAT_BUCKET}{{{SEL}}}))", "{{model}} v{{version}} p50"),
+            q(f"histogram_quantile(0.99, sum by (le, {by}) ({VLAT_BUCKET}{{{SEL}}}))", "{{model}} v{{version}} p99",
+              "B"),
+            q(f"max by ({by}) (kiln_rollout_window_p99_seconds{{{SEL}}})", "{{model}} v{{version}} p99 (guard window)",
+              "C")))
+        .with_panel(timeseries(
+            "Rollout copies/s", "Requests copied off the request path (to a shadow, or to the stable version for a "
+            "canary's comparison) by outcome: success, error, dropped (too many in flight).", "reqps",
+            q(f"sum by (model, version, outcome) (rate(kiln_rollout_copies_total{{{SEL}}}[$__rate_interval]))",
+              "{{model}} v{{version}} {{outcome}}")))
+        .with_panel(timeseries(
+            "Rollbacks and repository changes", "Canaries the guard rolled back (by the bound they broke), and the "
+            "changes repository polls applied (poll mode), over the last hour.", "none",
+            q(f"sum by (model, version, bound) (increase(kiln_rollout_rollbacks_total{{{SEL}}}[1h]))",
+              "rollback {{model}} v{{version}} {{bound}}"),
+            q(f"sum by (change) (increase(kiln_repository_changes_total{{{SEL_NO_MODEL}}}[1h]))", "{{change}}", "B")))
     )
 
 

@@ -22,6 +22,7 @@ from .errors import InvalidInput, KilnError, NotFound, PayloadTooLarge, error_re
 from .infer import InferRoute, match_infer_path, too_large
 from .monitor.hub import Monitor
 from .repository import ModelRepository
+from .rollout import Rollouts
 from .settings import Settings
 
 log = logging.getLogger("kiln.http")
@@ -120,11 +121,23 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
         freeze_heap=settings.gc_freeze, settle_quiet_s=settings.gc_settle_delay_s,
     )
 
+    repo.drain_timeout_s = settings.request_timeout_s or settings.shutdown_grace_s
+    repo.control_mode = settings.model_control_mode  # load/unload refused in none and poll (HTTP and gRPC)
+    poller = None
+    if settings.model_control_mode == "poll":
+        from .poll import RepositoryPoller
+
+        poller = RepositoryPoller(repo, settings.repository_poll_secs)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # Build models in the background: liveness answers at once, readiness when models are READY.
+        if poller is not None:
+            poller.baseline()  # what the startup load reads: the first poll rebuilds what changed since
         loader = threading.Thread(target=repo.load_all, name="kiln-loader", daemon=True)
         loader.start()
+        if poller is not None:
+            poller.start()
         grpc_server = None
         if settings.grpc_port:  # gRPC on this loop, behind the same infer core and guard (service/grpc_server.py)
             from . import grpc_server as _grpc
@@ -132,6 +145,8 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
 
             grpc_server = await _grpc.start(settings, repo, app.infer_route.core, wrap(None, settings), EXTENSIONS)
         yield
+        if poller is not None:
+            poller.stop()
         if grpc_server is not None:  # after the drain (service/lifecycle.py): what is left gets the grace
             await grpc_server.stop(max(1.0, min(5.0, settings.shutdown_grace_s)))
         # Bounded by the shutdown grace: a SIGTERM during a long compile must not hang the pod.
@@ -142,12 +157,16 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
         metrics.mark_process_dead()
 
     monitor = Monitor(settings) if settings.monitor_enabled else None  # service/monitor (docs/monitoring.md)
+    # min_live_accuracy of a rollout guard reads the monitor's live accuracy (feedback labels).
+    rollouts = Rollouts(repo, monitor.live_accuracy) if monitor is not None else Rollouts(repo)
 
     app = KilnApp(title="Kiln", version=__version__, lifespan=lifespan,
                   description="Open Inference Protocol (KServe v2) server for compiled, verified models.")
     _openapi.install(app)  # the infer / repository request bodies (read raw) in /openapi.json
     app.state.repository = repo
     app.state.settings = settings
+    app.state.rollouts = rollouts
+    app.state.poller = poller
 
     @app.exception_handler(KilnError)
     async def _kiln_error(request: Request, exc: KilnError):
@@ -208,7 +227,8 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
         return json_response(repo.get(model, version).triton_config())
 
     # -- inference -----------------------------------------------------------------------------
-    app.infer_route = InferRoute(repo, settings.max_body_bytes, settings.request_timeout_s, monitor)
+    app.infer_route = InferRoute(repo, settings.max_body_bytes, settings.request_timeout_s, monitor,
+                                 rollouts=rollouts)
     app.state.monitor = monitor
 
     @app.post("/v2/models/{model}/infer")
@@ -254,6 +274,24 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
     async def repository_unload(model: str):
         await asyncio.to_thread(repo.unload, model)
         return Response(status_code=200)
+
+    @app.get("/v2/repository/models/{model}/rollout")
+    async def rollout_state(model: str):
+        """The model's rollout: stable version, canary weight, status and reason, live windows."""
+        return json_response(rollouts.describe(model))
+
+    @app.post("/v2/repository/models/{model}/rollout")
+    async def rollout_change(request: Request, model: str):
+        """Set (`{"canary": {"version": 2, "weight": 0.1}, "guard": {...}}`), promote (`{"action":
+        "promote"}`) or cancel (`{"action": "cancel"}`) the model's rollout (repository scope)."""
+        body = await read_body(request, 1 << 16)
+        try:
+            parsed = orjson.loads(body) if body.strip() else {}
+        except orjson.JSONDecodeError as err:
+            raise InvalidInput(f"malformed JSON in request body: {err}") from None
+        if not isinstance(parsed, dict):
+            raise InvalidInput("the rollout request body must be a JSON object")
+        return json_response(rollouts.apply(model, parsed))
 
     # -- metrics ---------------------------------------------------------------------------------
     @app.get("/metrics")

@@ -57,6 +57,14 @@ def serve(
         None, "--monitor-sample-rate", min=0.0, max=1.0,
         help="Share of requests captured for monitoring (env KILN_MONITOR_SAMPLE_RATE; default 0.01; a model's "
              "monitor.sample_rate overrides it). See docs/monitoring.md."),
+    model_control_mode: Optional[str] = typer.Option(
+        None, "--model-control-mode", help="How models change while serving (env KILN_MODEL_CONTROL_MODE; Triton's "
+        "names): explicit (default: load all at startup, POST /v2/repository/models/{m}/load|unload), poll (rescan "
+        "the repository every --repository-poll-secs and rebuild only what changed; a new version serves once "
+        "READY), none (load once; load/unload refused)."),
+    repository_poll_secs: Optional[float] = typer.Option(
+        None, "--repository-poll-secs", help="Seconds between repository scans in poll mode (env "
+        "KILN_REPOSITORY_POLL_SECS; default 15)."),
     workers: int = typer.Option(1, "--workers", "-w", min=1, envvar="KILN_WORKERS",
                                 help="Worker processes sharing the port (env KILN_WORKERS). Each loads every model; "
                                      "/metrics merges them (prometheus-client multiprocess mode)."),
@@ -87,7 +95,8 @@ def serve(
                                        models=models, log_level=log_level, log_format=log_format,
                                        ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
                                        auth_tokens_file=auth_tokens_file,
-                                       monitor_sample_rate=monitor_sample_rate).items() if v is not None}
+                                       monitor_sample_rate=monitor_sample_rate, model_control_mode=model_control_mode,
+                                       repository_poll_secs=repository_poll_secs).items() if v is not None}
     settings = Settings(**overrides)
     logs.setup(settings.log_level, settings.log_format)
     if bool(settings.ssl_certfile) != bool(settings.ssl_keyfile):

@@ -211,6 +211,59 @@ class MonitorSpec(_Strict):
     feedback: FeedbackSpec = Field(default_factory=FeedbackSpec)
 
 
+class CanarySpec(_Strict):
+    """Unversioned requests split by weight between the stable version and this one (service/rollout.py)."""
+
+    version: int = Field(..., ge=1)
+    weight: float = Field(..., ge=0, le=1)
+    # Share of the canary's requests also run on the stable version, off the request path, to
+    # measure disagreement on the same inputs.
+    compare: float = Field(1.0, ge=0, le=1)
+
+
+class ShadowSpec(_Strict):
+    """A copy of sampled requests goes to this version off the request path; its answer is never returned."""
+
+    version: int = Field(..., ge=1)
+    sample: float = Field(1.0, ge=0, le=1)
+
+
+class RolloutGuardSpec(_Strict):
+    """Automatic rollback: the canary goes to weight 0 when one bound is broken over the window."""
+
+    # server errors and timeouts / requests the canary answered
+    max_error_rate: float | None = Field(None, ge=0, le=1)
+    max_p99_ms: float | None = Field(None, gt=0)
+    # disagreeing rows / compared rows (canary vs stable on the same inputs)
+    max_disagreement: float | None = Field(None, ge=0, le=1)
+    # live accuracy from feedback labels (service/monitor), when that is available
+    min_live_accuracy: float | None = Field(None, ge=0, le=1)
+    window: float = Field(60.0, gt=0, le=86_400)  # seconds
+    # A bound is judged only once the window holds this many requests (or compared requests).
+    min_requests: int = Field(20, ge=1)
+
+
+class RolloutSpec(_Strict):
+    canary: CanarySpec | None = None
+    shadow: ShadowSpec | None = None
+    # The version unversioned requests go to; default the highest READY version other than the
+    # canary's and the shadow's.
+    stable: int | None = Field(None, ge=1)
+    # How two versions' answers are compared: top1 (classifiers), relative error, or auto (top1
+    # when the config has labels or an accuracy gate).
+    compare: Literal["auto", "top1", "relative"] = "auto"
+    rtol: float = Field(1e-3, gt=0)  # relative: a row disagrees when max|a-b| / max|stable| exceeds it
+    guard: RolloutGuardSpec | None = None
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "RolloutSpec":
+        for part in (self.canary, self.shadow):
+            if part is not None and self.stable is not None and part.version == self.stable:
+                raise ValueError(f"version {part.version} cannot be both the stable version and the "
+                                 f"{'canary' if part is self.canary else 'shadow'}")
+        return self
+
+
 class VersionPolicy(_Strict):
     latest: int | None = Field(1, ge=1)
     all: bool = False
@@ -244,6 +297,8 @@ class ModelConfig(_Strict):
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
     # Traffic capture, feedback / live accuracy and drift (service/monitor/).
     monitor: MonitorSpec = Field(default_factory=MonitorSpec)
+    # Canary / shadow versions and automatic rollback (service/rollout.py).
+    rollout: RolloutSpec | None = None
 
     @field_validator("name")
     @classmethod

@@ -359,8 +359,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     # -- inference -------------------------------------------------------------------------------
     async def _infer(self, request: pb.ModelInferRequest, deadline_s: float | None) -> pb.ModelInferResponse:
         start = time.perf_counter()
-        mv = self.repo.get(request.model_name, request.model_version or None)
-        return await self.core.run(mv, "grpc", lambda _mv: decode_infer(request, deadline_s), encode_infer, start)
+        mv, router = self.core.pick(request.model_name, request.model_version or None)  # rollouts: service/rollout.py
+        return await self.core.run(mv, "grpc", lambda _mv: decode_infer(request, deadline_s), encode_infer, start,
+                                   router)
 
     async def ModelInfer(self, request, context):
         return await self._guarded(context, "ModelInfer", request.model_name,

@@ -67,19 +67,36 @@ class InferCore:
     `decode` (its wire format → InferRequest, given the model) and `encode` (outputs → its reply);
     errors come back as KilnError for the transport to word (an HTTP status, a gRPC code)."""
 
-    def __init__(self, repo: ModelRepository, timeout_s: float, monitor=None):
+    def __init__(self, repo: ModelRepository, timeout_s: float, monitor=None, rollouts=None):
         self.repo = repo
         self.timeout_s = timeout_s
         self.monitor = monitor  # service/monitor: capture, feedback index, drift (None = off)
+        self.rollouts = rollouts  # service/rollout.py: canary / shadow routing of unversioned requests
+
+    def pick(self, model: str, version: str | None):
+        """(the version a request starts with, the model's rollout router or None). An unversioned
+        request of a model with a rollout starts on its stable version; `run` routes it by its id."""
+        router = self.rollouts.router(model) if self.rollouts is not None and not version else None
+        return (self.repo.get(model, version) if router is None else router.stable()), router
 
     async def run(self, mv: ModelVersion, protocol: str, decode: Callable[[ModelVersion], InferRequest],
-                  encode: Callable[[ModelVersion, InferRequest, list[tuple[str, Any, bool]]], T], start: float) -> T:
+                  encode: Callable[[ModelVersion, InferRequest, list[tuple[str, Any, bool]]], T], start: float,
+                  router=None) -> T:
+        stable = mv
         m = metrics.for_model(mv.name, mv.version, protocol)
         m.enter()
+        mv.inflight += 1  # a version being removed drains until this is 0 (service/repository.py)
         outcome, rows, phases = "server_error", 0, None
         try:
             mv.check_ready()
             req = decode(mv)
+            if router is not None and (routed := router.route(req.id, mv)) is not mv:
+                m.leave()
+                mv.inflight -= 1
+                mv, m = routed, metrics.for_model(routed.name, routed.version, protocol)
+                m.enter()
+                mv.inflight += 1
+                mv.check_ready()
             mv.validate(req.inputs, req.datatypes)
             outputs_wanted = _requested_outputs(mv, req)
             decoded = time.perf_counter()
@@ -94,6 +111,8 @@ class InferCore:
                 self.monitor.observe(mv, req.id, req.inputs, result, start)
             outcome, rows = "success", _batch(mv, req.inputs)
             phases = (decoded - start, queue_s, compute_s, end - computed, end - start)
+            if router is not None:  # shadow / comparison copies, off the request path
+                router.after(mv, stable, req.inputs, result)
             return reply
         except KilnError as exc:
             outcome = exc.outcome
@@ -106,17 +125,20 @@ class InferCore:
             raise KilnError(f"internal error: {type(exc).__name__}: {exc}") from exc
         finally:
             m.leave()
+            mv.inflight -= 1
             m.record(outcome, rows, phases, None if phases else time.perf_counter() - start)
+            if router is not None:
+                router.observe(mv, outcome, time.perf_counter() - start)
 
 
 class InferRoute:
     """The HTTP transport of the infer core: body → decode (orjson / frombuffer) → InferCore → encode (orjson)."""
 
-    def __init__(self, repo: ModelRepository, body_limit: int, timeout_s: float, monitor=None):
+    def __init__(self, repo: ModelRepository, body_limit: int, timeout_s: float, monitor=None, rollouts=None):
         self.repo = repo
         self.body_limit = body_limit
         self.timeout_s = timeout_s
-        self.core = InferCore(repo, timeout_s, monitor)
+        self.core = InferCore(repo, timeout_s, monitor, rollouts)
 
     def refuse(self, model: str, version: str | None, exc: KilnError | None) -> Reply | None:
         """Count a request refused before it reached the route (body too large → its reply; client
@@ -131,7 +153,7 @@ class InferRoute:
     def staging(self, model: str, version: str | None, nbytes: int):
         """Where to receive a request's binary tensor (see ModelVersion.staging), or None."""
         try:
-            return self.repo.get(model, version).staging(nbytes)
+            return self.core.pick(model, version)[0].staging(nbytes)
         except KilnError:
             return None
 
@@ -140,7 +162,7 @@ class InferRoute:
         if start is None:
             start = time.perf_counter()
         try:
-            mv = self.repo.get(model, version)
+            mv, router = self.core.pick(model, version)
         except KilnError as exc:
             return error_reply(exc)
         encoding = hlen = None
@@ -155,7 +177,7 @@ class InferRoute:
             return decode_request(raw, hlen, _single_input(mv), binary)
 
         try:
-            return await self.core.run(mv, "http", decode, _encode_http, start)
+            return await self.core.run(mv, "http", decode, _encode_http, start, router)
         except KilnError as exc:
             return error_reply(exc)
 

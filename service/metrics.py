@@ -230,3 +230,37 @@ def forget_model(model: str, version: str) -> None:
 
 
 __all__ = ["REGISTRY"]
+
+# -- model updates: repository polling and rollouts (service/poll.py, service/rollout.py) ----------
+REPOSITORY_POLLS = Counter("kiln_repository_polls", "Scans of the model repository (--model-control-mode poll)")
+REPOSITORY_CHANGES = Counter(
+    "kiln_repository_changes", "Changes a repository poll applied (added, changed, config, rollout, removed, "
+    "superseded, refused)", ["change"],
+)
+ROLLOUT_WEIGHT = Gauge(
+    "kiln_rollout_weight", "Share of the model's unversioned requests each version gets (role stable or canary; "
+    "for a shadow, the share of requests copied to it)", ["model", "version", "role"], multiprocess_mode="livemax",
+)
+VERSION_DISAGREEMENT = Gauge(
+    "kiln_version_disagreement", "Share of compared rows on which this version disagrees with the baseline "
+    "version on the same inputs, over the rollout guard's window", ["model", "version", "baseline"],
+    multiprocess_mode="livemax",
+)
+COMPARED_ROWS = Counter(
+    "kiln_version_compared_rows", "Rows run on both this version and the baseline version (canary or shadow)",
+    ["model", "version", "baseline"],
+)
+DISAGREEING_ROWS = Counter(
+    "kiln_version_disagreeing_rows", "Compared rows whose answers disagree (top-1, or relative error above rtol)",
+    ["model", "version", "baseline"],
+)
+SHADOW_REQUESTS = Counter(
+    "kiln_rollout_copies", "Requests copied off the request path to a shadow version or, for a canary's "
+    "comparison, to the stable version, by outcome (success, error, dropped)", ["model", "version", "outcome"],
+)
+ROLLBACKS = Counter("kiln_rollout_rollbacks", "Canaries the rollout guard set to weight 0, by the bound they broke",
+                    ["model", "version", "bound"])
+WINDOW_ERROR_RATE = Gauge("kiln_rollout_window_error_rate", "Server errors and timeouts / requests over the rollout "
+                          "guard's window", ["model", "version"], multiprocess_mode="livemax")
+WINDOW_P99 = Gauge("kiln_rollout_window_p99_seconds", "p99 request latency over the rollout guard's window",
+                   ["model", "version"], multiprocess_mode="livemax")

@@ -68,6 +68,8 @@ class ModelVersion:
         # backend: auto: the decision (candidates, timings, rejections, reused or measured).
         self.auto: dict[str, Any] | None = None
         self.pipeline: Pipeline | None = None
+        # Requests using this version now (the infer route and rollout copies count them; drain waits).
+        self.inflight = 0
         self._batcher: Batcher | None = None
         self.executions = ExecutionStats()  # model calls by batch size (statistics extension)
         self._set_state("LOADING")

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
 
-from . import heap
+from . import heap, metrics
 from .cache import CompileCache
 from .config import NAME_RE, ModelConfig, load_config
-from .errors import ConfigError, InvalidInput, NotFound
+from .errors import ConfigError, InvalidInput, NotFound, Unavailable
 from .model import ModelVersion
 from .source import find_sources
 
@@ -33,13 +34,31 @@ def version_dirs(source_root: Path) -> dict[str, Path]:
 
 
 def select_versions(available: dict[str, Path], config: ModelConfig) -> dict[str, Path]:
+    """The versions to serve: the version_policy's, plus those a rollout names (its canary, its
+    shadow and its stable version, by default the highest one that is neither)."""
     policy = config.version_policy
     if policy.specific:
-        return {v: p for v, p in available.items() if int(v) in policy.specific}
-    if policy.all:
-        return available
-    keep = list(available)[-(policy.latest or 1):]
-    return {v: available[v] for v in keep}
+        keep = {v for v in available if int(v) in policy.specific}
+    elif policy.all:
+        keep = set(available)
+    else:
+        keep = set(list(available)[-(policy.latest or 1):])
+    keep |= rollout_versions(available, config)
+    return {v: p for v, p in available.items() if v in keep}
+
+
+def rollout_versions(available: dict[str, Path], config: ModelConfig) -> set[str]:
+    spec = config.rollout
+    if spec is None:
+        return set()
+    named = {str(part.version) for part in (spec.canary, spec.shadow) if part is not None}
+    if spec.stable is not None:
+        named.add(str(spec.stable))
+    elif named:
+        below = [v for v in available if v not in named]
+        if below:
+            named.add(below[-1])
+    return named & set(available)
 
 
 def check_name(name: str) -> None:
@@ -98,6 +117,14 @@ class ModelRepository:
         self.loading_done = threading.Event()
         self.turns = ModelTurns()
         self._lock = threading.RLock()  # guards `models` itself (lookups never wait for a build)
+        # Called with a model name after its set of versions changed (service/rollout.py listens).
+        self.listeners: list = []
+        # A rebuild of a serving version that failed: (model, version) -> reason; the old build serves.
+        self.failed_successors: dict[tuple[str, str], str] = {}
+        # How long a removed version's in-flight requests may take before it is closed anyway.
+        self.drain_timeout_s = 60.0
+        # --model-control-mode (Triton's names): load/unload on request only in explicit mode.
+        self.control_mode = "explicit"
 
     # -- discovery -----------------------------------------------------------------------------
     def model_dirs(self) -> dict[str, Path]:
@@ -155,7 +182,7 @@ class ModelRepository:
                 dirs = {k: v for k, v in dirs.items() if k in self.only}
             log.info("model repository %s: %d model(s): %s", self.root, len(dirs), ", ".join(dirs) or "none")
             for folder in tqdm(list(dirs), desc="compiling models", unit="model", disable=None):
-                self._load_dir(dirs[folder])
+                self._load_dir(dirs[folder])  # notifies the listeners
         except Exception:
             log.exception("loading the model repository failed")
         finally:
@@ -175,7 +202,7 @@ class ModelRepository:
             self.settler.flush()
 
     def _load_dir(self, model_dir: Path) -> list[ModelVersion]:
-        """Build the model in `model_dir` in its turn, swap the new versions in, close the old ones."""
+        """Build the model in `model_dir` in its turn, swap the new versions in, drain and close the old ones."""
         with self.turns.hold(self._config_name(model_dir)):
             versions = self._versions_for(model_dir)
             name = versions[0].name
@@ -187,26 +214,39 @@ class ModelRepository:
                     mv.build()
             with self._lock:
                 # Whatever is registered now (in its turn, what was there before this load began, or
-                # the new versions themselves on a first load) is replaced and closed.
+                # the new versions themselves on a first load) is replaced, drained and closed.
                 replaced = self.models.get(name, {})
                 self.models[name] = {mv.version: mv for mv in versions}
-            _close(mv for mv in replaced.values() if mv not in versions)
+            self._drain_close_all(mv for mv in replaced.values() if mv not in versions)
+            del replaced
+        self._notify(name)
         self._changed()
         return versions
 
+    def _check_control(self, action: str) -> None:
+        """As Triton: load/unload on request only in explicit mode (UNAVAILABLE otherwise)."""
+        mode = self.control_mode
+        if mode != "explicit":
+            why = ": in poll mode the repository's contents decide" if mode == "poll" else ""
+            raise Unavailable(f"explicit model load / unload is not allowed in model control mode '{mode}' "
+                              f"({action} refused; start with --model-control-mode explicit{why})")
+
     def load(self, name: str) -> list[ModelVersion]:
         """(Re)load one model from disk; the old versions serve until the new ones are built."""
+        self._check_control("load")
         return self._load_dir(self._model_dir(name))
 
     def unload(self, name: str) -> None:
+        self._check_control("unload")
         check_name(name)
         with self.turns.hold(name):  # after a load of this model in progress
             with self._lock:
                 versions = self.models.pop(name, None)
             if versions is None:
                 raise NotFound(f"model '{name}' is not loaded")
-            _close(versions.values())
+            self._drain_close_all(versions.values())
             del versions  # the settle's collection must find the model unreferenced
+        self._notify(name)
         self._changed()
 
     def close(self) -> None:
@@ -219,6 +259,107 @@ class ModelRepository:
         self.cache.close()
         if self.freeze_heap:
             heap.release()
+
+    # -- one version at a time, in the model's turn (poll mode: service/poll.py) -------------------
+    def _notify(self, name: str) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(name)
+            except Exception:  # a listener must not fail a load
+                log.exception("model %s: a repository listener failed", name)
+
+    def install_version(self, mv: ModelVersion) -> ModelVersion:
+        """Build `mv` and serve it beside the model's other versions.
+
+        A new version number is listed (LOADING, COMPILING, ...) while it builds and stays listed if
+        it fails, with its reason. A new build of a version already served replaces the old build
+        only once READY (the old one drains, then closes); if it fails, the old build keeps serving
+        and `failed_successors` says why."""
+        name, v = mv.name, mv.version
+        with self.turns.hold(name):
+            with self._lock:
+                old = self.models.get(name, {}).get(v)
+                if old is None:
+                    self._put(name, mv)
+            if mv.state != "FAILED":
+                mv.build()
+            with self._lock:
+                if mv.ready:
+                    self._put(name, mv)
+                    self.failed_successors.pop((name, v), None)
+                elif old is not None:
+                    self.failed_successors[(name, v)] = mv.reason
+            if old is not None:
+                if mv.ready:
+                    self.drain_close(old)
+                else:
+                    mv.close()
+                    self._republish(name, v)
+            del old  # the settle's collection must find a replaced build unreferenced
+        self._notify(name)
+        if mv.ready:  # a failed build left nothing long-lived to freeze, nothing frozen to free
+            self._changed()
+        return mv
+
+    def set_rollout_config(self, name: str, rollout) -> None:
+        """A config.yaml whose only change is `rollout:`: the served versions take it without a rebuild."""
+        with self.turns.hold(name):
+            for mv in self.models.get(name, {}).values():
+                mv.config = mv.config.model_copy(update={"rollout": rollout})
+        self._notify(name)
+
+    def retire_versions(self, name: str, versions: list[str]) -> list[str]:
+        """Stop routing to these versions, let their in-flight requests finish, then close them;
+        returns the versions that were loaded."""
+        with self.turns.hold(name):
+            with self._lock:
+                current = self.models.get(name, {})
+                removed = [current[v] for v in versions if v in current]
+                rest = {v: mv for v, mv in current.items() if v not in versions}
+                if rest:
+                    self.models[name] = rest
+                else:
+                    self.models.pop(name, None)
+                for v in versions:
+                    self.failed_successors.pop((name, v), None)
+            self._drain_close_all(removed)
+            gone = [mv.version for mv in removed]
+            del removed
+        if gone:
+            self._notify(name)
+            self._changed()
+        return gone
+
+    def _put(self, name: str, mv: ModelVersion) -> None:
+        """Copy on write, ordered by version number: readers iterate the dict they got."""
+        current = {**self.models.get(name, {}), mv.version: mv}
+        self.models[name] = dict(sorted(current.items(), key=lambda kv: int(kv[0])))
+
+    def _drain_close_all(self, versions) -> None:
+        for mv in versions:
+            self.drain_close(mv)
+
+    def drain_close(self, mv: ModelVersion) -> None:
+        """Close a version no longer routed to once its in-flight requests are answered.
+
+        A request picks its version and counts itself in flight in one step of the event loop, so a
+        request that found the version before it was removed is counted within a few milliseconds."""
+        time.sleep(0.05)
+        deadline = time.monotonic() + self.drain_timeout_s
+        while mv.inflight > 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if mv.inflight > 0:
+            log.warning("model %s v%s: closed with %d request(s) still in flight after %.0f s", mv.name,
+                        mv.version, mv.inflight, self.drain_timeout_s)
+        mv.close()
+        self._republish(mv.name, mv.version)
+
+    def _republish(self, name: str, version: str) -> None:
+        """Closing a build drops its version's state series; a build of the same version that serves
+        on publishes its own again."""
+        current = self.models.get(name, {}).get(version)
+        if current is not None:
+            metrics.set_model_state(name, version, current.backend, current.precision, current.state)
 
     # -- lookup --------------------------------------------------------------------------------
     def get(self, name: str, version: str | None = None) -> ModelVersion:
@@ -236,10 +377,16 @@ class ModelRepository:
         return list(self.models.get(name, {}))
 
     def ready(self) -> bool:
-        """Server readiness: loading finished and every model that did not fail is READY."""
+        """Server readiness: loading finished and every model that did not fail is READY. A model
+        with a READY version stays ready while another version of it builds (a poll-mode update must
+        not take the pod out of its Service)."""
         if not self.loading_done.is_set():
             return False
-        return all(mv.ready for vs in list(self.models.values()) for mv in vs.values() if mv.state != "FAILED")
+        for vs in list(self.models.values()):
+            versions = list(vs.values())
+            if not any(mv.ready for mv in versions) and not all(mv.state == "FAILED" for mv in versions):
+                return False
+        return True
 
     def index(self, ready_only: bool = False) -> list[dict[str, str]]:
         out = []
@@ -253,7 +400,10 @@ class ModelRepository:
             for mv in versions.values():
                 if ready_only and not mv.ready:
                     continue
-                out.append({"name": name, "version": mv.version, "state": mv.state, "reason": mv.reason})
+                reason = mv.reason
+                if (name, mv.version) in self.failed_successors:
+                    reason = f"serving the previous build; the new one FAILED: {self.failed_successors[(name, mv.version)]}"
+                out.append({"name": name, "version": mv.version, "state": mv.state, "reason": reason})
         return out
 
     def _safe_dirs(self) -> list[Path]:

@@ -99,6 +99,13 @@ class Settings(BaseSettings):
     monitor_sink_buffer: int = Field(1024, ge=1)
     monitor_sink_retries: int = Field(3, ge=0, le=20)
 
+    # -- model updates (docs/deploy.md "Model updates") -----------------------------------------------
+    # Triton's names. explicit: load everything at startup, POST …/load and …/unload allowed.
+    # poll: the repository is rescanned every repository_poll_secs and what changed is rebuilt
+    # (load/unload refused). none: load once, load/unload refused.
+    model_control_mode: str = Field("explicit", pattern="^(none|poll|explicit)$")
+    repository_poll_secs: float = Field(15.0, gt=0)
+
 
 # File descriptors kept free under RLIMIT_NOFILE for what the server opens after startup (model
 # files, the metrics directory, a repository reload) when KILN_MAX_CONNECTIONS is automatic.

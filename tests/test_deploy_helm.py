@@ -33,6 +33,7 @@ VALUES = {
     "full": CHART / "ci" / "full-values.yaml",
     "initcontainer": CHART / "ci" / "initcontainer-values.yaml",
     "existing-configmap": CHART / "ci" / "existing-configmap-values.yaml",
+    "poll": CHART / "ci" / "poll-values.yaml",
 }
 
 
@@ -239,6 +240,27 @@ def test_existing_configmap_values(rendered):
     assert [m["type"] for m in hpa["spec"]["metrics"]] == ["Pods"]
 
 
+def test_model_control_modes(rendered):
+    """explicit by default (a changed models ConfigMap restarts the pods); poll: pods keep running and
+    rescan their files, so the ConfigMap's checksum is not in the pod template."""
+    env = {e["name"]: e.get("value") for e in container(rendered["default"])["env"]}
+    assert env["KILN_MODEL_CONTROL_MODE"] == "explicit" and float(env["KILN_REPOSITORY_POLL_SECS"]) > 0
+    assert "checksum/models" in deployment(rendered["full"])["spec"]["template"]["metadata"]["annotations"]
+    objs = rendered["poll"]
+    env = {e["name"]: e.get("value") for e in container(objs)["env"]}
+    assert env["KILN_MODEL_CONTROL_MODE"] == "poll" and env["KILN_REPOSITORY_POLL_SECS"] == "10"
+    assert "checksum/models" not in (deployment(objs)["spec"]["template"]["metadata"].get("annotations") or {})
+    items = next(v for v in deployment(objs)["spec"]["template"]["spec"]["volumes"] if v["name"] == "models")
+    assert {i["path"] for i in items["configMap"]["items"]} >= {"digits-cnn/1/model.onnx", "digits-cnn/2/model.onnx"}
+    # The config the chart ships parses as Kiln's own model config, rollout included.
+    from service.config import parse_config
+
+    cm = objs[("ConfigMap", "kiln-models")]
+    key = next(k for k in cm["data"] if k.endswith("config.yaml"))
+    cfg = parse_config(yaml.safe_load(cm["data"][key]), Path(key))
+    assert cfg.rollout.canary.weight == 0.1
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--set", "replicas=3"], "Additional property replicas is not allowed"),
     (["--set", "modelRepository.source=nfs"], "modelRepository.source"),
@@ -250,6 +272,7 @@ def test_existing_configmap_values(rendered):
     (["--set", "termination.terminationGracePeriodSeconds=12"], "time to drain"),
     (["--set", "probes.type=tcp"], "probes.type"),
     (["--set", "probes.type=grpc", "--set", "server.grpcPort=0"], "probes.type grpc needs server.grpcPort"),
+    (["--set", "modelControl.mode=watch"], "modelControl.mode"),
 ])
 def test_bad_values_are_rejected(args, message):
     proc = template("default", *args, ok=False)

@@ -26,10 +26,18 @@ DASHBOARD = DASH_DIR / "kiln.json"
 # The server's metrics (design notes); histograms expose _bucket/_sum/_count.
 COUNTERS = {"kiln_inference_requests_total", "kiln_inference_samples_total", "kiln_compile_cache_total",
             # model monitoring (service/monitor/metrics.py)
-            "kiln_capture_samples_total", "kiln_capture_events_total", "kiln_feedback_total"}
+            "kiln_capture_samples_total", "kiln_capture_events_total", "kiln_feedback_total",
+            # model updates (service/poll.py, service/rollout.py)
+            "kiln_repository_polls_total", "kiln_repository_changes_total", "kiln_version_compared_rows_total",
+            "kiln_version_disagreeing_rows_total", "kiln_rollout_copies_total", "kiln_rollout_rollbacks_total"}
 GAUGES = {"kiln_queue_depth", "kiln_inflight_requests", "kiln_model_state", "kiln_parity_max_abs_error",
           "kiln_capture_bytes", "kiln_live_accuracy", "kiln_live_mae", "kiln_live_labels", "kiln_live_accuracy_min",
-          "kiln_drift_statistic", "kiln_drift_p_value", "kiln_drift_detected"}
+          "kiln_drift_statistic", "kiln_drift_p_value", "kiln_drift_detected",
+          "kiln_rollout_weight", "kiln_version_disagreement", "kiln_rollout_window_error_rate",
+          "kiln_rollout_window_p99_seconds"}
+# Server-wide series without a model label.
+NO_MODEL = {"kiln_compile_cache_total", "kiln_repository_polls_total", "kiln_repository_changes_total"}
+
 HISTOGRAMS = {"kiln_request_duration_seconds", "kiln_batch_size", "kiln_compile_seconds"}
 SERVER_METRICS = COUNTERS | GAUGES | {f"{h}_{s}" for h in HISTOGRAMS for s in ("bucket", "sum", "count")}
 
@@ -73,7 +81,8 @@ def test_promtool_test_rules():
 def test_alerts_and_rule_tests_cover_each_other():
     alerts = {r["alert"] for r in rules() if "alert" in r}
     assert {"KilnHighP99Latency", "KilnHighErrorRatio", "KilnModelNotReady", "KilnModelFailed",
-            "KilnQueueSaturated", "KilnRequestsRejected", "KilnDriftDetected", "KilnLiveAccuracyLow"} <= alerts
+            "KilnQueueSaturated", "KilnRequestsRejected", "KilnDriftDetected", "KilnLiveAccuracyLow",
+            "KilnCanaryRolledBack", "KilnVersionDisagreement"} <= alerts
     tested = {t["alertname"] for case in yaml.safe_load(RULE_TESTS.read_text())["tests"]
               for t in case.get("alert_rule_test", [])}
     assert alerts == tested, f"alerts without a promtool unit test: {alerts - tested}"
@@ -116,7 +125,9 @@ def test_dashboard_structure():
                    "Executed batch size", "Queue depth", "In-flight requests by pod", "Model state",
                    "Mean compile time", "Compile cache hit ratio", "Parity: max abs error vs the reference",
                    "Live accuracy (top-1) and MAE from feedback", "Feedback/s by result", "Drift detected",
-                   "Smallest KS p-value by model", "Most drifted inputs (KS statistic)", "Captured samples/s by result"):
+                   "Smallest KS p-value by model", "Most drifted inputs (KS statistic)", "Captured samples/s by result",
+                   "Rollout weight by version", "Disagreement with the stable version", "Error ratio by version",
+                   "Latency p50 / p99 by version", "Rollbacks and repository changes"):
         assert wanted in titles, wanted
     exprs = dashboard_exprs(raw)
     assert len(exprs) >= 25
@@ -129,7 +140,7 @@ def test_dashboard_structure():
         used |= names
         # Templated by model and pod on every panel (the compile cache counter has no model label).
         assert 'pod=~"$pod"' in expr, (title, expr)
-        if "kiln_compile_cache_total" not in expr:
+        if not names & NO_MODEL:
             assert 'model=~"$model"' in expr, (title, expr)
         # Rates/histograms for traffic: never graph a raw request counter.
         assert "kiln_inference_requests_total" not in expr, (title, expr)

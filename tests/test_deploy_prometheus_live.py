@@ -11,6 +11,9 @@ HTTP API:
     <<.GroupBy>> templates filled in the way prometheus-adapter does;
 and asserts that each one returns data (polling: the first scrape comes after a few seconds).
 `promtool check metrics` lints the server's /metrics exposition on the way.
+
+The server runs in poll mode on a copy of the bundled repository in which digits-cnn has a second
+version taking a canary share (with a guard), so the rollout row has live series too.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -29,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.kiln_server import free_port
+from tests.kiln_server import DEFAULT_REPO, free_port, start_server
 from tests.ops_tools import tool
 import yaml
 
@@ -89,6 +93,27 @@ def poll(prom: Prometheus, exprs: dict[str, str], timeout: float = POLL_S) -> di
         if pending:
             time.sleep(1.0)
     return {key: (pending[key], last.get(key)) for key in pending}
+
+
+# digits-cnn v2 (the same weights: no disagreement, so no alert fires) as a canary beside v1.
+ROLLOUT = """
+version_policy: {latest: 2}
+rollout: {canary: {version: 2, weight: 0.3}, guard: {max_error_rate: 0.5, max_disagreement: 0.05, window: 30}}
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("kiln-live")
+    repo = tmp / "repo"
+    shutil.copytree(DEFAULT_REPO, repo)
+    shutil.copytree(repo / "digits-cnn" / "1", repo / "digits-cnn" / "2")
+    (repo / "digits-cnn" / "2" / "model.pt2").unlink(missing_ok=True)
+    config = repo / "digits-cnn" / "config.yaml"
+    config.write_text(config.read_text() + ROLLOUT)
+    srv = start_server(repo, log_dir=tmp, args=["--model-control-mode", "poll", "--repository-poll-secs", "1"])
+    yield srv
+    srv.stop()
 
 
 @pytest.fixture(scope="module")

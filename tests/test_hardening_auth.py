@@ -54,6 +54,12 @@ def test_repository_api_has_its_own_scope(secured):
     assert httpx.post(srv.url + "/v2/repository/models/digits-cnn/unload", headers=_h(INFER)).status_code == 403
     r = httpx.post(srv.url + "/v2/repository/index", headers=_h(REPO))
     assert r.status_code == 200 and r.json()[0]["name"] == "digits-cnn"
+    # Rollouts change routing like load/unload change models: the same scope.
+    rollout = srv.url + "/v2/repository/models/digits-cnn/rollout"
+    assert httpx.post(rollout, json={"action": "cancel"}, headers=_h(INFER)).status_code == 403
+    assert httpx.get(rollout).status_code == 401
+    r = httpx.get(rollout, headers=_h(REPO))
+    assert r.status_code == 200 and r.json()["stable_version"] == "1"
 
 
 def test_health_and_metrics_stay_open(secured):

@@ -222,6 +222,14 @@ class Monitor:
             mon = self._models[key] = ModelMonitor(self, mv)
         return mon
 
+    def live_accuracy(self, model: str, version: str) -> float | None:
+        """Top-1 accuracy from feedback labels over the version's live window; None before any label
+        or for a regressor. The rollout guard's min_live_accuracy reads it (service/rollout.py)."""
+        mon = self._models.get((model, version))
+        if mon is None or mon.quality.metric != "top1":
+            return None
+        return mon.quality.value()
+
     def forget(self, model: str, version: str) -> None:
         self._models.pop((model, version), None)
         mm_metrics.forget(model, version)
