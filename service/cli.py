@@ -97,6 +97,9 @@ def serve(
                                        auth_tokens_file=auth_tokens_file,
                                        monitor_sample_rate=monitor_sample_rate, model_control_mode=model_control_mode,
                                        repository_poll_secs=repository_poll_secs).items() if v is not None}
+    if model_control_mode is not None and model_control_mode not in ("none", "poll", "explicit"):
+        raise typer.BadParameter(f"'{model_control_mode}' is not one of none, poll, explicit",
+                                 param_hint="--model-control-mode")
     settings = Settings(**overrides)
     logs.setup(settings.log_level, settings.log_format)
     if bool(settings.ssl_certfile) != bool(settings.ssl_keyfile):

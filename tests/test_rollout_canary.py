@@ -208,17 +208,29 @@ def test_disagreement_rules():
 
 
 def threads_of(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Threads:"):
-            return int(line.split()[1])
-    raise AssertionError("no Threads line")
+    """The process's thread count once it has held still for two seconds (short-lived helper threads,
+    a heap settle, a drain, have ended)."""
+    def now() -> int:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+        raise AssertionError("no Threads line")
+
+    readings = [now()]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (len(readings) < 10 or len(set(readings[-10:])) > 1):
+        time.sleep(0.2)
+        readings.append(now())
+    return readings[-1]
 
 
 def test_rollout_calls_racing_load_and_unload_leave_one_set_of_runners(tmp_path, expected):
     # Quick loads: parity gate only (the accuracy gate is not what this test is about).
     quick = "\n".join(line for line in BOTH.splitlines() if not line.startswith("accuracy:")) + "\n"
     make_model(tmp_path / "repo", config=quick, versions={1: "v1", 2: "v2"})
-    srv = start_server(tmp_path / "repo", log_dir=tmp_path, args=["--model-control-mode", "explicit"])
+    # Closed runners' threads end when the heap settle collects them: settle right after each change.
+    srv = start_server(tmp_path / "repo", log_dir=tmp_path, args=["--model-control-mode", "explicit"],
+                       env={"KILN_GC_SETTLE_DELAY_S": "0.1"})
     url = srv.url + "/v2/repository/models/digits"
     try:
         def call(action: str):
@@ -227,18 +239,16 @@ def test_rollout_calls_racing_load_and_unload_leave_one_set_of_runners(tmp_path,
             body = {"canary": {"version": 2, "weight": 0.3}} if action == "set" else {"action": action}
             return httpx.post(f"{url}/rollout", json=body, timeout=60).status_code
 
-        # 8 blocking calls at once: the server's to_thread pool grows to what 8 clients can make it before the baseline
-        with ThreadPoolExecutor(8) as pool:
-            assert set(pool.map(call, ["load"] * 8)) == {200}
-        baseline = threads_of(srv.proc.pid)
         actions = ["load", "unload", "set", "cancel", "promote", "load", "set", "unload"] * 2
         with ThreadPoolExecutor(8) as pool:
             codes = list(pool.map(call, actions))
         assert set(codes) <= {200, 400, 404}, codes
         assert call("load") == 200
         wait_for(lambda: states(srv.url, "digits") == {"1": "READY", "2": "READY"}, 60, what="loaded")
-        time.sleep(0.5)
-        assert threads_of(srv.proc.pid) == baseline, "one live set of runners per model"
+        after_race = threads_of(srv.proc.pid)
+        # The same model loaded once, calmly: what one live set of runners costs in threads.
+        assert call("unload") == 200 and call("load") == 200
+        assert threads_of(srv.proc.pid) == after_race, "one live set of runners per model"
         with Load(srv.address, "digits", expected, threads=2) as load:
             time.sleep(0.5)
         assert load.results and not load.failures()
