@@ -145,6 +145,22 @@ def test_live_accuracy_and_mae_equal_offline_metrics_exactly():
     assert reg.value() == float(np.mean(np.abs(pred - truth).reshape(50, -1).mean(axis=1)))
 
 
+def test_recent_predictions_stay_out_of_the_old_gc_generation_and_hold_only_their_rows():
+    """100,000 tracked entries in the old generation would make every full collection walk them."""
+    import gc
+
+    recent = RecentPredictions(1000)
+    batch = np.zeros((32, 10), np.float32)
+    for i in range(1000):
+        recent.put(f"r{i}", batch[i % 32:i % 32 + 1], 0.0)
+    gc.collect(0)
+    entry = recent.get("r5")
+    assert not gc.is_tracked(entry), "an index entry is still tracked by the cyclic GC"
+    assert entry[0].base is None and entry[0].shape == (1, 10), "the entry holds a view of the whole batch"
+    recent.mark_labelled("r5")
+    assert recent.get("r5")[2] is True and recent.get("r6")[2] is False
+
+
 def test_feedback_bodies_parse_and_bad_ones_say_what_is_wrong():
     assert [(i, a.tolist()) for i, a in parse(b'{"id": "a", "label": 3}')] == [("a", 3)]
     assert len(parse(b'[{"id": "a", "label": 3}, {"id": 7, "label": "seven"}]')) == 2

@@ -100,12 +100,22 @@ class RecentPredictions:
 
     def put(self, request_id: str, output: np.ndarray, when: float) -> None:
         items = self._items
-        items[request_id] = [output, when, False]  # output, time, labelled
+        # A tuple, not a list: the collector stops tracking a tuple of untracked values at its first
+        # young collection, so 100,000 entries never reach the old generation that full collections
+        # walk (a list would, and every full collection would stall the event loop on them). A view
+        # is copied so an entry holds its own rows, not the whole batch's output.
+        items[request_id] = (output if output.base is None else output.copy(), when, False)
         if len(items) > self.capacity:
             items.popitem(last=False)
 
-    def get(self, request_id: str) -> list | None:
+    def get(self, request_id: str) -> tuple | None:
+        """(output, time, labelled), or None for an id not (or no longer) in the index."""
         return self._items.get(request_id)
+
+    def mark_labelled(self, request_id: str) -> None:
+        entry = self._items.get(request_id)
+        if entry is not None:
+            self._items[request_id] = (entry[0], entry[1], True)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -189,7 +199,7 @@ class LiveQuality:
     def apply(self, recent: RecentPredictions, joined: list[Joined]) -> None:
         for j in joined:
             if j.result in ("joined", "late"):
-                recent.get(j.request_id)[2] = True
+                recent.mark_labelled(j.request_id)
             if j.scores is not None:
                 self._scores.extend(j.scores.tolist())
 

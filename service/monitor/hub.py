@@ -38,6 +38,7 @@ log = logging.getLogger("kiln.monitor")
 
 POLL_S = 0.02             # the worker's sleep when its queue is empty: fewer wake-ups (GIL hand-offs) per second
 BATCH = 512               # items the worker takes at once
+WRITE_S = 1.0             # captured samples are written at most once a second: one commit (and its fsync) a second, not one a poll
 TICK_S = 2.0              # store size gauges, live-metric history
 INLINE_FEEDBACK = 256     # larger feedback bodies are scored in a thread, off the event loop
 PREDICTED_CLASS = "predicted_class"
@@ -199,6 +200,8 @@ class Monitor:
         self.sink = None
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._pending: list = []  # (ModelMonitor, Sample) waiting for the next write
+        self._last_write = 0.0
         if not self.enabled:
             return
         folder = settings.monitor_dir or (Path(settings.cache_dir) / "monitor")
@@ -317,10 +320,13 @@ class Monitor:
                 except Exception:
                     log.exception("monitor worker: a batch of %d item(s) failed", len(batch))
             elif self._stop:
+                self._write_pending()
                 return
             else:
                 time.sleep(POLL_S)
             now = time.monotonic()
+            if self._pending and now - self._last_write >= WRITE_S:
+                self._write_pending()
             if now - last_tick >= TICK_S:
                 last_tick = now
                 self._tick()
@@ -341,35 +347,42 @@ class Monitor:
                     parts = drift.setdefault(mon, ([], []))
                     parts[0].append(rows)
                     parts[1].append(outputs.get(mon.output))
-                if inputs is not None:
-                    samples.append((mon, Sample(mon.name, mon.version, rid, when, latency, dict(inputs),
-                                                dict(outputs))))
+                if inputs is not None:  # copies: a request's arrays may be views of a staging slab
+                    samples.append((mon, Sample(mon.name, mon.version, rid, when, latency,
+                                                {k: np.array(v) for k, v in inputs.items()},
+                                                {k: np.array(v) for k, v in outputs.items()})))
         for mon, (rows, outs) in drift.items():  # one detector call per model and batch of requests
             try:
                 mon.feed_drift(np.concatenate(rows), outs, self.store)
             except Exception:
                 log.exception("monitor: drift of %s v%s failed", mon.name, mon.version)
-        if samples:
-            try:
-                _, evicted, too_large = self.store.insert(s for _, s in samples)
-            except Exception:
-                log.exception("monitor: writing %d captured sample(s) failed", len(samples))
-                for mon, _ in samples:
-                    mm_metrics.CAPTURE_SAMPLES.labels(mon.name, mon.version, "failed").inc()
-            else:
-                skipped = {id(s) for s in too_large}
-                for mon, s in samples:
-                    (mon.dropped if id(s) in skipped else mon.stored).inc()
-                if too_large:
-                    log.warning("monitor: %d captured sample(s) larger than a quarter of KILN_MONITOR_MAX_BYTES "
-                                "not stored", len(too_large))
-                for model, version in evicted:
-                    mm_metrics.CAPTURE_SAMPLES.labels(model, version, "evicted").inc()
-                if self.sink is not None:
-                    for _, s in samples:
-                        self.sink.submit(s.model, s.version, s.request_id, s.time, *cloudevent_bodies(s))
+        self._pending += samples
         if labels:
             self.store.add_labels(labels)
+
+    def _write_pending(self) -> None:
+        samples, self._pending = self._pending, []
+        self._last_write = time.monotonic()
+        if not samples:
+            return
+        try:
+            _, evicted, too_large = self.store.insert(s for _, s in samples)
+        except Exception:
+            log.exception("monitor: writing %d captured sample(s) failed", len(samples))
+            for mon, _ in samples:
+                mm_metrics.CAPTURE_SAMPLES.labels(mon.name, mon.version, "failed").inc()
+        else:
+            skipped = {id(s) for s in too_large}
+            for mon, s in samples:
+                (mon.dropped if id(s) in skipped else mon.stored).inc()
+            if too_large:
+                log.warning("monitor: %d captured sample(s) larger than a quarter of KILN_MONITOR_MAX_BYTES "
+                            "not stored", len(too_large))
+            for model, version in evicted:
+                mm_metrics.CAPTURE_SAMPLES.labels(model, version, "evicted").inc()
+            if self.sink is not None:
+                for _, s in samples:
+                    self.sink.submit(s.model, s.version, s.request_id, s.time, *cloudevent_bodies(s))
 
     def _tick(self) -> None:
         try:
