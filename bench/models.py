@@ -72,23 +72,9 @@ def resnet_onnx(path: Path, seed: int = 0) -> Path:
     import torch
     from torch import nn
 
+    from tests.byom_models import BasicBlock as Block  # the toolkit tests' residual block: one definition
+
     torch.manual_seed(seed)
-
-    class Block(nn.Module):
-        def __init__(self, cin, cout, stride):
-            super().__init__()
-            self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.b1 = nn.BatchNorm2d(cout)
-            self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.b2 = nn.BatchNorm2d(cout)
-            self.down = None
-            if stride != 1 or cin != cout:
-                self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-        def forward(self, x):
-            y = torch.relu(self.b1(self.c1(x)))
-            y = self.b2(self.c2(y))
-            return torch.relu(y + (self.down(x) if self.down is not None else x))
 
     class Net(nn.Module):
         def __init__(self):
