@@ -214,11 +214,30 @@ class ModelRepository:
                     mv.build()
             with self._lock:
                 # Whatever is registered now (in its turn, what was there before this load began, or
-                # the new versions themselves on a first load) is replaced, drained and closed.
+                # the new versions themselves on a first load) is replaced, drained and closed — except,
+                # as in Triton, a version whose new build failed while its previous build was READY:
+                # that one keeps serving and `failed_successors` says why.
                 replaced = self.models.get(name, {})
-                self.models[name] = {mv.version: mv for mv in versions}
-            self._drain_close_all(mv for mv in replaced.values() if mv not in versions)
-            del replaced
+                serving, failed_new = {}, []
+                for mv in versions:
+                    old = replaced.get(mv.version)
+                    if mv.state == "FAILED" and old is not None and old is not mv and old.ready:
+                        serving[mv.version] = old
+                        self.failed_successors[(name, mv.version)] = mv.reason
+                        failed_new.append(mv)
+                    else:
+                        serving[mv.version] = mv
+                        self.failed_successors.pop((name, mv.version), None)
+                for v in replaced:
+                    if v not in serving:
+                        self.failed_successors.pop((name, v), None)
+                self.models[name] = serving
+            kept = set(map(id, serving.values()))
+            self._drain_close_all(mv for mv in replaced.values() if id(mv) not in kept and mv not in versions)
+            for mv in failed_new:  # closing a build drops its version's series: the old build publishes again
+                mv.close()
+                self._republish(name, mv.version)
+            del replaced, serving
         self._notify(name)
         self._changed()
         return versions
@@ -232,7 +251,8 @@ class ModelRepository:
                               f"({action} refused; start with --model-control-mode explicit{why})")
 
     def load(self, name: str) -> list[ModelVersion]:
-        """(Re)load one model from disk; the old versions serve until the new ones are built."""
+        """(Re)load one model from disk; the old versions serve until the new ones are built, and a
+        version whose new build fails keeps its old build serving (the call still reports the failure)."""
         self._check_control("load")
         return self._load_dir(self._model_dir(name))
 
@@ -360,6 +380,11 @@ class ModelRepository:
         current = self.models.get(name, {}).get(version)
         if current is not None:
             metrics.set_model_state(name, version, current.backend, current.precision, current.state)
+            if current.parity is not None:
+                for out in current.parity.outputs:
+                    metrics.PARITY.labels(name, version, out.output).set(out.max_abs_error)
+            if current.parity_verdict:
+                metrics.PARITY_VERIFIED.labels(name, version).set(1 if current.parity_verdict == "verified" else 0)
 
     # -- lookup --------------------------------------------------------------------------------
     def get(self, name: str, version: str | None = None) -> ModelVersion:

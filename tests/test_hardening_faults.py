@@ -73,21 +73,46 @@ def test_truncated_artifact_and_manifest_are_rebuilt(tmp_path):
     rebuilt_and_serving()
 
 
-def test_source_broken_after_serving_fails_on_reload_while_others_serve(tmp_path):
+def test_source_broken_after_serving_fails_on_reload_and_the_old_build_keeps_serving(tmp_path):
+    """As Triton: a reload that fails leaves the loaded build unchanged and serving; the load call
+    reports the failure and the index says why. A model's first load that fails is FAILED."""
     repo = tmp_path / "repo"
     add_digits(repo)
     add_faulty(repo, "victim")
     srv = start_server(repo, log_dir=tmp_path)
     try:
+        before = httpx.post(srv.url + "/v2/models/victim/infer", content=_faulty_body(1.0))
+        assert before.status_code == 200
         src = repo / "victim" / "1" / "model.onnx"
-        src.write_bytes(src.read_bytes()[:40])  # truncated source
+        good = src.read_bytes()
+        src.write_bytes(good[:40])  # truncated source
         r = httpx.post(srv.url + "/v2/repository/models/victim/load", timeout=60)
         assert r.status_code == 400 and "victim" in r.json()["error"]
         meta = httpx.get(srv.url + "/v2/models/victim").json()["parameters"]
-        assert meta["state"] == "FAILED" and meta["reason"]
+        assert meta["state"] == "READY", meta
         r = httpx.post(srv.url + "/v2/models/victim/infer", content=_faulty_body(1.0))
-        assert r.status_code == 503 and "FAILED" in r.json()["error"]
+        assert r.status_code == 200 and r.json()["outputs"] == before.json()["outputs"]
+        index = httpx.post(srv.url + "/v2/repository/index", json={}).json()
+        entry = next(m for m in index if m["name"] == "victim")
+        assert entry["state"] == "READY" and "the new one FAILED" in entry["reason"], entry
+        m = scrape(srv.url)
+        assert value(m, "kiln_model_state", model="victim", version="1", state="READY") == 1
+        assert value(m, "kiln_parity_verified", model="victim", version="1") == 1  # the old build's series again
         assert httpx.post(srv.url + "/v2/models/digits-cnn/infer", content=digits_body()).status_code == 200
+
+        src.write_bytes(good)  # fixed: the reload replaces the build and the failure note goes
+        assert httpx.post(srv.url + "/v2/repository/models/victim/load", timeout=60).status_code == 200
+        entry = next(m for m in httpx.post(srv.url + "/v2/repository/index", json={}).json() if m["name"] == "victim")
+        assert entry["state"] == "READY" and not entry.get("reason"), entry
+
+        add_faulty(repo, "newcomer")
+        (repo / "newcomer" / "1" / "model.onnx").write_bytes(good[:40])
+        r = httpx.post(srv.url + "/v2/repository/models/newcomer/load", timeout=60)
+        assert r.status_code == 400 and "newcomer" in r.json()["error"]
+        meta = httpx.get(srv.url + "/v2/models/newcomer").json()["parameters"]
+        assert meta["state"] == "FAILED" and meta["reason"]
+        r = httpx.post(srv.url + "/v2/models/newcomer/infer", content=_faulty_body(1.0))
+        assert r.status_code == 503 and "FAILED" in r.json()["error"]
         assert httpx.get(srv.url + "/v2/health/ready").status_code == 200  # FAILED models do not block readiness
     finally:
         assert srv.stop() == 0
