@@ -193,6 +193,82 @@ def test_layouts(tmp_path):
             resolve_model_dir(bad, "x", tmp_path)
 
 
+def _digits_ir(dest: Path, stem: str = "digits") -> None:
+    """An OpenVINO IR of the digits CNN under a bucket's own file names (OVMS users bring these)."""
+    import openvino as ov
+
+    dest.mkdir(parents=True, exist_ok=True)
+    ov.save_model(ov.convert_model(str(DEFAULT_REPO / "digits-cnn" / "1" / "model.onnx")), str(dest / f"{stem}.xml"),
+                  compress_to_fp16=False)
+
+
+def test_layouts_with_built_artifacts(tmp_path):
+    ir = tmp_path / "ir"
+    _digits_ir(ir)
+    (ir / "config.yaml").write_text("backend: openvino\n")
+    root, found = resolve_model_dir(ir, "a1", tmp_path)  # the IR's folder
+    assert _served(root) == {"a1": ["model.bin", "model.xml"]} and "digits.xml" in found
+    assert (root / "a1" / "config.yaml").is_file() and not (root / "a1" / "digits.bin").exists()
+    root, _ = resolve_model_dir(ir / "digits.xml", "a2", tmp_path)  # the storageUri named the .xml
+    assert _served(root) == {"a2": ["model.bin", "model.xml"]}
+    assert (root / "a2" / "1" / "model.bin").read_bytes() == (ir / "digits.bin").read_bytes()
+    shutil.copy(DEFAULT_REPO / "digits-cnn" / "1" / "model.onnx", ir / "digits.onnx")  # the source beside it
+    root, _ = resolve_model_dir(ir, "a3", tmp_path)
+    assert _served(root) == {"a3": ["model.bin", "model.onnx", "model.xml"]}
+    for suffix in (".tflite", ".plan"):
+        f = tmp_path / f"net{suffix}"
+        f.write_bytes(b"flatbuffer or engine bytes")
+        root, _ = resolve_model_dir(f, "a4", tmp_path)
+        assert _served(root) == {"a4": [f"model{suffix}"]}
+    pkg = tmp_path / "pkgdir" / "net.mlpackage"
+    pkg.mkdir(parents=True)
+    root, _ = resolve_model_dir(pkg, "a5", tmp_path)  # a Core ML package is a folder
+    assert _served(root) == {"a5": ["model.mlpackage"]}
+    (ir / "digits.bin").rename(ir / "weights.bin")
+    with pytest.raises(ValueError, match="needs digits.bin beside it"):
+        resolve_model_dir(ir / "digits.xml", "x", tmp_path)
+    shutil.copy(ir / "digits.onnx", ir / "other.onnx")
+    with pytest.raises(ValueError, match="2 .onnx model files"):
+        resolve_model_dir(ir, "x", tmp_path)
+
+
+def test_serve_an_openvino_ir_with_its_source_from_the_runtimes_args(tmp_path):
+    """An OVMS-style bucket (a bare IR plus the ONNX it came from): served as the artifact and
+    verified against the source, over HTTP and gRPC."""
+    mnt = tmp_path / "mnt" / "models"
+    _digits_ir(mnt, "resnetish")
+    shutil.copy(DEFAULT_REPO / "digits-cnn" / "1" / "model.onnx", mnt / "resnetish.onnx")
+    (mnt / "config.yaml").write_text("backend: openvino\n")  # with a source beside it the default is onnxruntime
+    http_port, grpc_port = free_port(), free_port()
+    args = [a.replace("{{.Name}}", "ir-isvc").replace("/mnt/models", str(mnt))
+            .replace("=8080", f"={http_port}").replace("=9000", f"={grpc_port}") for a in runtime_args()]
+    log_path = tmp_path / "kiln.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "KILN_CACHE_DIR": str(tmp_path / "cache")}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", *args], stdout=log,
+                                stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    srv = Server(proc, http_port, log_path, tmp_path / "cache", mnt, args, grpc_port)
+    try:
+        srv.wait_ready()
+        hc = httpclient.InferenceServerClient(srv.address)
+        p = hc.get_model_metadata("ir-isvc")["parameters"]
+        assert p["backend"] == "openvino" and p["cache"] == "artifact" and p["parity_passed"] is True, p
+        x = np.load(DEFAULT_REPO / "digits-cnn" / "data" / "eval.npz")["input"][:4]
+        gc = grpcclient.InferenceServerClient(srv.grpc_address)
+        gin = grpcclient.InferInput("input", list(x.shape), "FP32")
+        gin.set_data_from_numpy(x)
+        got = gc.infer("ir-isvc", [gin]).as_numpy("logits")
+        gc.close()
+        hc.close()
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(mnt / "resnetish.onnx"), providers=["CPUExecutionProvider"])
+        want = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    finally:
+        assert srv.stop() == 0, srv.log()[-3000:]
+
+
 def test_serve_with_the_runtimes_args_on_a_storage_initializer_layout(tmp_path):
     mnt = tmp_path / "mnt" / "models"
     _digits_files(mnt)
