@@ -1,5 +1,6 @@
 """gRPC: Triton's `inference.GRPCInferenceService` (a superset of KServe's v2 gRPC protocol) and the
-standard `grpc.health.v1` health service, served with grpc.aio on the HTTP server's event loop.
+standard `grpc.health.v1` health service, on the HTTP server's event loop through Kiln's own HTTP/2
+transport (service/grpc_wire.py; grpcio provides the generated messages, and is the client in tests).
 
 The transport is only the wire format: `decode_infer` turns a ModelInferRequest (typed `contents` or
 `raw_input_contents`) into the InferRequest the HTTP codec also produces, `encode_infer` turns the
@@ -21,24 +22,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
-# Compiles fork subprocesses while gRPC threads run; grpc's fork handlers would only log that they
-# skip themselves (one INFO line per fork). Kiln never uses gRPC in a forked child.
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
-import orjson  # noqa: E402
-from google.protobuf import json_format  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+import grpc
+import numpy as np
+import orjson
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2
 
 from backends.datatypes import V2_TO_NUMPY, v2_datatype
 
-from . import __version__, stats
+from . import __version__, grpc_wire, stats
 from .errors import InvalidInput, KilnError, NotFound
 from .guard import Guard
 from .infer import InferCore
@@ -52,9 +48,9 @@ from .protocol import (
     encode_bytes_elements,
 )
 from .protos import grpc_service_pb2 as pb
-from .protos import grpc_service_pb2_grpc as pb_grpc
 from .protos import model_config_pb2 as mc
 from .repository import ModelRepository
+from .settings import HttpLimits
 
 log = logging.getLogger("kiln.grpc")
 
@@ -241,12 +237,15 @@ def _http_path(rpc: str, model: str = "") -> str:
     return f"/v2/models/{model}"
 
 
-def _metadata_headers(context) -> list[tuple[bytes, bytes]]:
-    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (context.invocation_metadata() or ())
-            if isinstance(v, str)]
+def _metadata_headers(context: grpc_wire.Call) -> list[tuple[bytes, bytes]]:
+    """The call's request headers (HTTP/2 lower-cases their names) as the guard reads HTTP's."""
+    return context.headers
 
 
-class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+class InferenceService:
+    """One async method per RPC of inference.GRPCInferenceService (the method table is built from
+    the generated descriptor, service/grpc_wire.py MethodTable)."""
+
     def __init__(self, repo: ModelRepository, core: InferCore, guard: Guard, extensions: list[str]):
         self.repo = repo
         self.core = core
@@ -465,7 +464,7 @@ def _http_status(error: RpcError | None) -> int:
     return 429 if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED else 500
 
 
-class HealthService(health_pb2_grpc.HealthServicer):
+class HealthService:
     """grpc.health.v1 for Kubernetes gRPC probes: service "live" is SERVING while the process answers;
     "" (the server), "ready" and "inference.GRPCInferenceService" are SERVING when every model is ready
     and the server is not draining (the HTTP readiness rule)."""
@@ -491,6 +490,10 @@ class HealthService(health_pb2_grpc.HealthServicer):
                                 f"(live, ready, {SERVICE})")
         return health_pb2.HealthCheckResponse(status=status)
 
+    async def List(self, request, context):
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=self._status(name)) for name in ("live", *self.READY)})
+
     async def Watch(self, request, context):
         last = None
         while True:
@@ -501,31 +504,21 @@ class HealthService(health_pb2_grpc.HealthServicer):
             await asyncio.sleep(0.5)
 
 
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-
-
-async def start(settings, repo: ModelRepository, core: InferCore, guard: Guard, extensions: list[str]) -> grpc.aio.Server:
-    """Bind and start the gRPC server on the running loop (same TLS files, body limit and host as HTTP).
-    With `--workers N` every worker binds the same port (SO_REUSEPORT, grpc's default)."""
-    limit = settings.max_body_bytes
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", max(limit, 64 * 1024 * 1024)),
-        ("grpc.so_reuseport", 1),
-    ])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(repo, core, guard, extensions), server)
-    health_pb2_grpc.add_HealthServicer_to_server(HealthService(repo, guard), server)
-    address = _address(settings.http_host, settings.grpc_port)
+async def start(settings, repo: ModelRepository, core: InferCore, guard: Guard, extensions: list[str]
+                ) -> grpc_wire.Server:
+    """Bind and start the gRPC server on the running loop (same TLS files, body limit, connection and
+    time limits and host as HTTP). With `--workers N` every worker binds the same port (SO_REUSEPORT)."""
+    methods = grpc_wire.MethodTable()
+    methods.add(pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], InferenceService(repo, core, guard, extensions))
+    methods.add(health_pb2.DESCRIPTOR.services_by_name["Health"], HealthService(repo, guard))
+    server = grpc_wire.Server(methods, HttpLimits.from_settings(settings), settings.max_body_bytes)
+    tls = None
     if settings.ssl_certfile and settings.ssl_keyfile:
-        creds = grpc.ssl_server_credentials([(Path(settings.ssl_keyfile).read_bytes(),
-                                              Path(settings.ssl_certfile).read_bytes())])
-        bound = server.add_secure_port(address, creds)
-    else:
-        bound = server.add_insecure_port(address)
-    if not bound:
-        raise RuntimeError(f"gRPC: cannot bind {address}")
-    await server.start()
-    log.info("gRPC (%s + grpc.health.v1) on %s%s", SERVICE, address, " with TLS" if settings.ssl_certfile else "")
+        tls = grpc_wire.server_ssl_context(settings.ssl_certfile, settings.ssl_keyfile)
+    try:
+        await server.listen(settings.http_host, settings.grpc_port, tls)
+    except OSError as err:
+        raise RuntimeError(f"gRPC: cannot bind {settings.http_host}:{settings.grpc_port}: {err}") from err
+    log.info("gRPC (%s + grpc.health.v1) on %s:%d%s", SERVICE, settings.http_host, settings.grpc_port,
+             " with TLS" if tls else "")
     return server
-
