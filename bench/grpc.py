@@ -2,7 +2,7 @@
 
     python -m bench.grpc                     # MLP, c = 1, 8, 32, MLServer included (bench/peers)
     python -m bench.grpc --no-peers --quick  # Kiln only, short runs
-    python -m bench.grpc --floor             # a grpc.aio ModelInfer that does nothing, as a floor
+    python -m bench.grpc --floor             # Kiln's gRPC transport with a ModelInfer that does nothing
     python -m bench.profile --format grpc    # py-spy of Kiln's gRPC path
 
 Servers are pinned to core 0, the load generators to core 1: wrk for HTTP (bench/post.lua), h2load
@@ -51,8 +51,9 @@ def grpc_body(model: str, rows: int = 1) -> tuple[Path, bytes]:
     return path, msg
 
 
-def check_grpc(address: str, msg: bytes, model: str) -> None:
-    """One real call on the exact bytes h2load sends: it must succeed with the model's output."""
+def check_grpc(address: str, msg: bytes, model: str, empty: bool = False) -> None:
+    """One real call on the exact bytes h2load sends: it must succeed with the model's output
+    (`empty`: with the floor's empty response for the model)."""
     import grpc
 
     from service.protos import grpc_service_pb2 as pb
@@ -61,6 +62,9 @@ def check_grpc(address: str, msg: bytes, model: str) -> None:
         call = channel.unary_unary(METHOD, request_serializer=lambda b: b,
                                    response_deserializer=pb.ModelInferResponse.FromString)
         resp = call(msg, timeout=30)
+    if empty:
+        assert resp.model_name == model and not resp.outputs, resp
+        return
     assert resp.outputs and resp.outputs[0].name, resp
     if resp.raw_output_contents:
         n = len(np.frombuffer(resp.raw_output_contents[0], np.float32))
@@ -139,20 +143,23 @@ def run(targets: list[Target], model: str, conc: list[int], seconds: float, roun
 
 FLOOR_SERVER = """
 import asyncio, sys
-import grpc, uvloop
-from service.protos import grpc_service_pb2 as pb, grpc_service_pb2_grpc as pbg
+import uvloop
+from service import grpc_wire
+from service.protos import grpc_service_pb2 as pb
+from service.settings import HttpLimits, Settings
 
-class Empty(pbg.GRPCInferenceServiceServicer):
+class Empty:
     async def ModelInfer(self, request, context):
         return pb.ModelInferResponse(model_name=request.model_name)
 
 async def main():
-    server = grpc.aio.server()
-    pbg.add_GRPCInferenceServiceServicer_to_server(Empty(), server)
-    server.add_insecure_port("127.0.0.1:" + sys.argv[1])
-    await server.start()
+    methods = grpc_wire.MethodTable()
+    methods.add(pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], Empty())
+    settings = Settings()
+    server = grpc_wire.Server(methods, HttpLimits.from_settings(settings), settings.max_body_bytes)
+    await server.listen("127.0.0.1", int(sys.argv[1]), None)
     print("ready", flush=True)
-    await server.wait_for_termination()
+    await asyncio.Event().wait()
 
 uvloop.install()
 asyncio.run(main())
@@ -160,8 +167,8 @@ asyncio.run(main())
 
 
 def floor(conc: list[int], seconds: float, model: str) -> int:
-    """grpcio's own cost: a grpc.aio server on uvloop whose ModelInfer parses the request and
-    returns an empty response, under the same h2load load."""
+    """The transport's own cost: Kiln's gRPC server (service/grpc_wire.py) on uvloop whose
+    ModelInfer parses the request and returns an empty response, under the same h2load load."""
     from tests.kiln_server import ROOT, free_port
 
     port = free_port()
@@ -169,8 +176,10 @@ def floor(conc: list[int], seconds: float, model: str) -> int:
                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        body = grpc_body(model)[0]
-        print("| grpc.aio, empty handler | c | req/s | p50 ms | p99 ms | server CPU µs/req |\n|---|---|---|---|---|---|")
+        body, msg = grpc_body(model)
+        check_grpc(f"127.0.0.1:{port}", msg, model, empty=True)
+        print("| Kiln gRPC transport, empty handler | c | req/s | p50 ms | p99 ms | server CPU µs/req |\n"
+              "|---|---|---|---|---|---|")
         for c in conc:
             r = grpc_load(f"127.0.0.1:{port}", body, c, seconds, proc.pid)
             print(f"| empty | {c} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['cpu_us']:.0f} |")
@@ -188,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="2 s runs, one round")
     ap.add_argument("--no-peers", action="store_true", help="without MLServer")
-    ap.add_argument("--floor", action="store_true", help="only the empty grpc.aio handler (grpcio's own cost)")
+    ap.add_argument("--floor", action="store_true", help="only Kiln's gRPC transport with an empty handler (its own cost)")
     ap.add_argument("--out", default=str(WORK / "grpc-results.json"))
     args = ap.parse_args(argv)
     for tool, pkg in (("wrk", "wrk"), ("h2load", "nghttp2-client")):
