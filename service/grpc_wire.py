@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 from hpack import Decoder
 from hpack.exceptions import HPACKError
@@ -79,6 +80,7 @@ STREAM_WINDOW = 4 << 20           # what a client may send on a stream before we
 CONNECTION_WINDOW = 32 << 20      # ... and on the connection
 MAX_FRAME_IN = 1 << 20            # the largest frame we accept (the peer sends at most this)
 JUNK_BOUND = 1000                 # pings, settings, resets, empty DATA ... between two responses
+PARTIAL_MESSAGES = 4              # unfinished messages a connection may buffer, in KILN_MAX_BODY_BYTES
 
 _HEAD = struct.Struct(">IBI")     # (length << 8 | type, flags, stream id): a frame's 9-byte header
 _U32 = struct.Struct(">I")
@@ -155,12 +157,6 @@ class _ConnectionError(Exception):
         self.message = message
 
 
-class _StreamError(Exception):
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code = code
-
-
 # -- the method table --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Method:
@@ -193,9 +189,29 @@ _DONE = object()  # the end of a client's message stream
 class Call:
     """One stream: its state on the wire, and the context its handler is given."""
 
-    __slots__ = ("conn", "sid", "method", "headers", "deadline", "send_window", "recv_window", "remote_closed",
-                 "headers_sent", "finished", "rbuf", "task", "trailing", "pending",
-                 "trailers", "drained", "messages", "waiter", "timer", "encoding", "count")
+    __slots__ = (
+        "conn",
+        "count",
+        "deadline",
+        "drained",
+        "encoding",
+        "finished",
+        "headers",
+        "headers_sent",
+        "messages",
+        "method",
+        "pending",
+        "rbuf",
+        "recv_window",
+        "remote_closed",
+        "send_window",
+        "sid",
+        "task",
+        "timer",
+        "trailers",
+        "trailing",
+        "waiter",
+    )
 
     def __init__(self, conn: GrpcConnection, sid: int, headers, send_window: int):
         self.conn = conn
@@ -675,9 +691,7 @@ class GrpcConnection(asyncio.Protocol):
         size, maxsize = len(entries), table.maxsize
         try:
             headers = self.decoder.decode(block, raw=True)
-        except HPACKError as err:
-            raise _ConnectionError(COMPRESSION_ERROR, f"header block: {err}") from None
-        except Exception as err:  # noqa: BLE001 - hpack raises plain errors on some truncations
+        except (HPACKError, IndexError, ValueError) as err:  # the latter two on some truncated blocks
             raise _ConnectionError(COMPRESSION_ERROR, f"header block: {type(err).__name__}: {err}") from None
         if len(entries) == size and table.maxsize == maxsize and (entries[0] if entries else None) is first:
             if len(self.hcache) >= 64:
@@ -695,8 +709,7 @@ class GrpcConnection(asyncio.Protocol):
                 return self._reset(call, PROTOCOL_ERROR)
             return self._end_of_input(call)
         if sid <= self.last_sid or not sid & 1:
-            raise _ConnectionError(PROTOCOL_ERROR if sid & 1 else PROTOCOL_ERROR,
-                                   f"HEADERS on stream {sid}: closed, or not a client stream id")
+            raise _ConnectionError(PROTOCOL_ERROR, f"HEADERS on stream {sid}: closed, or not a client stream id")
         self.last_sid = sid
         if self.goaway_sent:
             return  # after GOAWAY: the client knows this stream was not processed
@@ -722,8 +735,8 @@ class GrpcConnection(asyncio.Protocol):
                 call.encoding = v
         if not method_ok or path is None:
             return self._respond_http(call, 405 if path is not None else 400)
-        if ctype is None or not (ctype == b"application/grpc" or ctype.startswith(b"application/grpc+")
-                                 or ctype.startswith(b"application/grpc;")):
+        if ctype is None or not (ctype == b"application/grpc" or ctype.startswith((b"application/grpc+",
+                                                                                   b"application/grpc;"))):
             return self._respond_http(call, 415)
         if timeout is not None:
             seconds = _parse_timeout(timeout)
@@ -787,6 +800,11 @@ class GrpcConnection(asyncio.Protocol):
         else:
             call.rbuf += payload
             self.partial += len(payload)
+            if self.partial > PARTIAL_MESSAGES * self.server.max_message_bytes:
+                # Many streams each sending part of a large message: memory, not progress.
+                return self.finish(call, grpc.StatusCode.RESOURCE_EXHAUSTED, (
+                    f"the connection holds {self.partial} bytes of unfinished messages (at most {PARTIAL_MESSAGES} "
+                    "x KILN_MAX_BODY_BYTES)"))
             used = self._messages(call, call.rbuf)
             buf = call.rbuf
             if buf is not None:
@@ -841,7 +859,7 @@ class GrpcConnection(asyncio.Protocol):
         method = call.method
         try:
             request = method.request_type.FromString(bytes(body) if type(body) is not bytes else body)
-        except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends
+        except DecodeError:
             return self.finish(call, grpc.StatusCode.INTERNAL, f"cannot parse the {method.request_type.__name__} "
                                                                "message")
         call.count += 1
@@ -878,7 +896,7 @@ class GrpcConnection(asyncio.Protocol):
             return self.finish(call, err.code, err.message, call.trailing)
         except asyncio.CancelledError:
             return self._cancelled(call)
-        except Exception as exc:  # noqa: BLE001 - a handler bug still answers
+        except Exception as exc:  # a handler bug still answers
             log.exception("gRPC %s failed", method.name)
             return self.finish(call, grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         self.reply(call, reply.SerializeToString())
@@ -891,7 +909,7 @@ class GrpcConnection(asyncio.Protocol):
             return self.finish(call, err.code, err.message, call.trailing)
         except asyncio.CancelledError:
             return self._cancelled(call)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.exception("gRPC %s failed", method.name)
             return self.finish(call, grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         self.finish(call, grpc.StatusCode.OK, "", call.trailing)
@@ -905,7 +923,7 @@ class GrpcConnection(asyncio.Protocol):
             return self.finish(call, err.code, err.message, call.trailing)
         except asyncio.CancelledError:
             return self._cancelled(call)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.exception("gRPC %s failed", method.name)
             return self.finish(call, grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         self.finish(call, grpc.StatusCode.OK, "", call.trailing)
