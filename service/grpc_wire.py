@@ -114,8 +114,13 @@ RESPONSE_HEADERS = b"\x88" + b"\x0f\x10" + _hpack_int(16, 7) + b"application/grp
 OK_TRAILERS = literal(b"grpc-status", b"0")
 
 
+MAX_MESSAGE_CHARS = 1024  # of grpc-message: the trailers must fit one frame of the peer's smallest size
+
+
 def _grpc_message(message: str) -> bytes:
     """grpc-message: UTF-8, percent-encoded outside printable ASCII (and '%' itself)."""
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + "..."
     out = bytearray()
     for b in message.encode("utf-8"):
         out += b"%%%02X" % b if b < 0x20 or b > 0x7E or b == 0x25 else bytes((b,))
@@ -362,13 +367,6 @@ class GrpcConnection(asyncio.Protocol):
         self.transport = transport
         server = self.server
         server.open.add(self)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                import socket
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
         if server.closing or not server.connections.make_room(len(server.open), self):
             transport.close()
             if not server.closing:

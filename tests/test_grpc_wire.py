@@ -47,6 +47,7 @@ from tests.metrics_util import scrape, value
 
 ROWS, COLS = 512, 1024  # the identity model's FP32 tensor: 2 MiB each way, far past 64 KiB windows
 INFER = "/inference.GRPCInferenceService/ModelInfer"
+CONNECTIONS = 24  # KILN_MAX_CONNECTIONS of the module's server
 
 
 def identity_model(path) -> None:
@@ -67,7 +68,8 @@ def srv(tmp_path_factory):
     identity_model(repo / "big" / "1")
     (repo / "big" / "config.yaml").write_text("backend: onnxruntime\n")
     server = start_server(repo, log_dir=root, grpc=True, env={
-        "KILN_HEADER_TIMEOUT_S": "1", "KILN_BODY_TIMEOUT_S": "1.5", "KILN_SEND_TIMEOUT_S": "1"})
+        "KILN_HEADER_TIMEOUT_S": "1", "KILN_BODY_TIMEOUT_S": "1.5", "KILN_SEND_TIMEOUT_S": "1",
+        "KILN_MAX_CONNECTIONS": str(CONNECTIONS)})
     yield server
     server.stop()
 
@@ -447,6 +449,40 @@ def test_a_client_that_never_reads_is_dropped(srv, stub):
     finally:
         raw.close()
     assert "client read nothing of its responses" in srv.log()
+    still_serving(stub)
+
+
+def test_connection_bound_evicts_the_longest_idle(srv, stub):
+    """At KILN_MAX_CONNECTIONS a new connection makes the longest-idle one go (GOAWAY NO_ERROR);
+    a connection with a call open is never the one: its call is answered."""
+    busy = Raw(srv.grpc_address)
+    busy.handshake()
+    msg = digits_request(np.ones((1, 1, 8, 8), np.float32)).SerializeToString()
+    body = struct.pack(">BI", 0, len(msg)) + msg
+    busy.send(frame(HEADERS, 0x4, 1, busy.headers_block()), frame(DATA, 0, 1, body[:100]))  # half a request
+    idle = []
+    try:
+        for _ in range(CONNECTIONS + 4):
+            r = Raw(srv.grpc_address)
+            r.handshake()
+            idle.append(r)
+            time.sleep(0.01)  # a clear order of idleness
+        still_serving(stub)
+        # The half-sent call (its connection not idle) completes and is answered.
+        busy.send(frame(DATA, 0x1, 1, body[100:]))
+        status = None
+        while status is None:
+            f = busy.frame()
+            assert f is not None and f[0] != GOAWAY, f
+            if f[0] == HEADERS:
+                status = dict(busy.decoder.decode(f[3])).get("grpc-status") if f[1] & 0x1 else None
+        # 28 more connections past a bound of 24: at least the 4 longest idle of them were closed.
+        assert [goaway_code(r.until_closed(5)) for r in idle[:4]] == [NO_ERROR] * 4
+        assert status == "0"
+    finally:
+        busy.close()
+        for r in idle:
+            r.close()
     still_serving(stub)
 
 
