@@ -813,8 +813,13 @@ class GrpcConnection(asyncio.Protocol):
                     call.rbuf = None
         if flags & END_STREAM:
             self._end_of_input(call)
-        elif not call.finished and call.recv_window < STREAM_WINDOW // 2:
-            self.transport.write(frame(WINDOW_UPDATE, 0, sid, _U32.pack(STREAM_WINDOW - call.recv_window)))
+        elif not call.pending:  # a stream whose answers wait for the client's window gets no more input
+            self._top_up(call)
+
+    def _top_up(self, call: Call) -> None:
+        """The stream's receive window back to full once half is used (one WINDOW_UPDATE per half)."""
+        if not call.finished and not call.remote_closed and call.recv_window < STREAM_WINDOW // 2:
+            self.transport.write(frame(WINDOW_UPDATE, 0, call.sid, _U32.pack(STREAM_WINDOW - call.recv_window)))
             call.recv_window = STREAM_WINDOW
 
     def _messages(self, call: Call, data) -> int:
@@ -1009,6 +1014,8 @@ class GrpcConnection(asyncio.Protocol):
                 call.drained.set_result(None)
             if done:
                 self._close_call(call)
+            else:
+                self._top_up(call)  # held back while the answers waited
 
     def _flush_blocked(self) -> None:
         for call in list(self.blocked.values()):
