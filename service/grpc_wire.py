@@ -458,6 +458,8 @@ class GrpcConnection(asyncio.Protocol):
             left = self.last_read + limits.header_timeout_s - now
             why = f"header block not complete after {limits.header_timeout_s:.3g} s (KILN_HEADER_TIMEOUT_S)"
         elif self.partial and not self.write_paused:
+            if all(c.pending for c in self.calls.values() if c.rbuf is not None):
+                self.last_read = now  # the server is the slow side: those streams' answers wait for the client
             left = self.last_read + limits.body_timeout_s - now
             why = f"message: nothing received for {limits.body_timeout_s:.3g} s (KILN_BODY_TIMEOUT_S)"
         else:

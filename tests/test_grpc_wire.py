@@ -241,6 +241,71 @@ def test_server_obeys_the_clients_windows_and_frame_size(srv):
     np.testing.assert_array_equal(np.frombuffer(msg.raw_output_contents[0], np.float32).reshape(ROWS, COLS), x)
 
 
+def test_a_streaming_client_that_never_reads_gets_no_more_window(srv):
+    """ModelStreamInfer with a 1-byte window for the answers: once the first 2 MiB answer waits
+    for the client, the stream's receive window is not topped up, so the client (keeping to its
+    window) cannot send all five 2 MiB requests; when it opens its window, every answer arrives
+    and the rest of the requests go through."""
+    x = np.random.default_rng(4).standard_normal((ROWS, COLS)).astype(np.float32)
+    messages = [big_request(x + i).SerializeToString() for i in range(5)]
+    data = b"".join(struct.pack(">BI", 0, len(m)) + m for m in messages)
+    raw = Raw(srv.grpc_address)
+    window, sent, answers, status = 4 << 20, 0, b"", None  # the server's SETTINGS_INITIAL_WINDOW_SIZE
+
+    def pump(seconds: float, upto: int = len(data)) -> None:
+        """Send what the window allows (of data[:upto]), take the server's frames; until `seconds`
+        pass without progress."""
+        nonlocal window, sent, answers, status
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < seconds and status is None:
+            while sent < upto and window > 0:
+                n = min(16384, window, upto - sent)
+                raw.send(frame(DATA, 0, 1, data[sent:sent + n]))
+                sent, window = sent + n, window - n
+                quiet_since = time.monotonic()
+            if sent == len(data):
+                raw.send(frame(DATA, 0x1, 1))
+                sent += 1
+            f = raw.frame(timeout=0.2)
+            if f is None:
+                continue
+            ftype, flags, sid, payload = f
+            if ftype == WINDOW_UPDATE and sid == 1:
+                window += struct.unpack(">I", payload)[0]
+            elif ftype == DATA and sid == 1:
+                answers += payload
+            elif ftype == HEADERS and sid == 1:
+                block = dict(raw.decoder.decode(payload))
+                status = block.get("grpc-status") if flags & 0x1 else None
+            elif ftype == GOAWAY or ftype == RST_STREAM:
+                raise AssertionError(f"frame {ftype} from the server: {payload!r}")
+
+    try:
+        raw.handshake(struct.pack(">HI", 0x4, 1))
+        raw.send(frame(HEADERS, 0x4, 1, raw.headers_block(path="/inference.GRPCInferenceService/ModelStreamInfer")))
+        first = 5 + len(messages[0])
+        while not answers:  # the first request, until the first byte of its answer: the rest waits
+            pump(0.2, first)
+        pump(1.5)
+        held = sent  # at most the window granted before the answer waited: about two more requests
+        assert first < held < first + 2 * (4 << 20) // 2 + 16384 < len(data), (held, len(data))
+        raw.send(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", 1 << 30)), frame(WINDOW_UPDATE, 0, 1, struct.pack(">I", 1 << 30)))
+        deadline = time.monotonic() + 30
+        while status is None and time.monotonic() < deadline:
+            pump(0.5)
+    finally:
+        raw.close()
+    assert status == "0" and sent == len(data) + 1 > held
+    replies, pos = [], 0
+    while pos < len(answers):
+        size = struct.unpack(">I", answers[pos + 1:pos + 5])[0]
+        replies.append(service_pb2.ModelStreamInferResponse.FromString(answers[pos + 5:pos + 5 + size]))
+        pos += 5 + size
+    assert len(replies) == 5 and not any(r.error_message for r in replies)
+    got = sorted(float(np.frombuffer(r.infer_response.raw_output_contents[0], np.float32)[0] - x[0, 0]) for r in replies)
+    np.testing.assert_allclose(got, [0, 1, 2, 3, 4], atol=1e-5)
+
+
 def test_many_concurrent_streams_on_one_channel(srv):
     """300 calls at once on one channel (more than the 256 concurrent streams the server allows:
     the client queues the rest), every answer right and matched to its request."""
