@@ -126,8 +126,8 @@ class Raw:
                                     (":authority", "kiln"), ("content-type", content_type), ("te", "trailers"),
                                     *extra])
 
-    def request(self, sid: int, message: bytes, **kw) -> None:
-        body = struct.pack(">BI", 0, len(message)) + message
+    def request(self, sid: int, message: bytes, compressed: int = 0, **kw) -> None:
+        body = struct.pack(">BI", compressed, len(message)) + message
         chunks = [body[i:i + 16384] for i in range(0, len(body), 16384)]  # the default MAX_FRAME_SIZE
         self.send(frame(HEADERS, 0x4, sid, self.headers_block(**kw)),
                   *(frame(DATA, 0x1 if i == len(chunks) - 1 else 0, sid, c) for i, c in enumerate(chunks)))
@@ -354,7 +354,8 @@ def test_compressed_requests_unknown_methods_and_health_list(srv, stub):
 
 def test_content_type_and_deadline_on_the_wire(srv, stub):
     """Not gRPC's content-type: HTTP 415 (as grpc servers answer). A grpc-timeout too short for
-    the call: DEADLINE_EXCEEDED from the server; a malformed one: INTERNAL."""
+    the call: DEADLINE_EXCEEDED from the server; a malformed one: INTERNAL. An encoding the server
+    lacks: UNIMPLEMENTED; the compressed flag with no encoding: INTERNAL."""
     raw = Raw(srv.grpc_address)
     try:
         raw.handshake()
@@ -363,9 +364,11 @@ def test_content_type_and_deadline_on_the_wire(srv, stub):
         raw.request(3, msg, extra=[("grpc-timeout", "1n")])
         raw.request(5, msg, extra=[("grpc-timeout", "soon")])
         raw.request(7, msg, extra=[("grpc-timeout", "30S")])
+        raw.request(9, msg, extra=[("grpc-encoding", "snappy")])
+        raw.request(11, msg, compressed=1)  # the compressed flag without a grpc-encoding
         answers: dict[int, dict] = {}
         ended: set[int] = set()
-        while len(ended) < 4:
+        while len(ended) < 6:
             f = raw.frame()
             assert f is not None
             ftype, flags, sid, payload = f
@@ -377,6 +380,9 @@ def test_content_type_and_deadline_on_the_wire(srv, stub):
         assert answers[3]["grpc-status"] == str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
         assert answers[5]["grpc-status"] == str(grpc.StatusCode.INTERNAL.value[0])
         assert answers[7]["grpc-status"] == "0"
+        assert answers[9]["grpc-status"] == str(grpc.StatusCode.UNIMPLEMENTED.value[0])
+        assert "snappy" in answers[9]["grpc-message"]
+        assert answers[11]["grpc-status"] == str(grpc.StatusCode.INTERNAL.value[0])
     finally:
         raw.close()
 
