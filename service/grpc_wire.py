@@ -352,6 +352,7 @@ class GrpcConnection(asyncio.Protocol):
         self.block_sid = 0                   # a header block waiting for CONTINUATION
         self.block = bytearray()
         self.block_flags = 0
+        self.block_since = 0.0
         self.junk = 0
         self.write_paused = False
         self.waiting: list[asyncio.Future] = []  # writers waiting for the socket to drain
@@ -455,14 +456,13 @@ class GrpcConnection(asyncio.Protocol):
             left = self.opened + limits.header_timeout_s - now
             why = f"no HTTP/2 preface after {limits.header_timeout_s:.3g} s (KILN_HEADER_TIMEOUT_S)"
         elif self.block_sid:
-            left = self.last_read + limits.header_timeout_s - now
+            left = self.block_since + limits.header_timeout_s - now
             why = f"header block not complete after {limits.header_timeout_s:.3g} s (KILN_HEADER_TIMEOUT_S)"
-        elif self.partial and not self.write_paused:
-            if all(c.pending for c in self.calls.values() if c.rbuf is not None):
-                self.last_read = now  # the server is the slow side: those streams' answers wait for the client
+        elif not self.write_paused and self._owed():
             left = self.last_read + limits.body_timeout_s - now
-            why = f"message: nothing received for {limits.body_timeout_s:.3g} s (KILN_BODY_TIMEOUT_S)"
-        else:
+            why = f"request message: nothing received for {limits.body_timeout_s:.3g} s (KILN_BODY_TIMEOUT_S)"
+        else:  # nothing owed by the client, or the server is the slow side: the clock restarts
+            self.last_read = now
             left = min(limits.header_timeout_s, limits.body_timeout_s)
             why = ""
         if left > 0 or not why:
@@ -473,6 +473,17 @@ class GrpcConnection(asyncio.Protocol):
             self.goaway(PROTOCOL_ERROR if self.block_sid else CANCEL, why.encode())
         else:
             self.transport.close()
+
+    def _owed(self) -> bool:
+        """Whether the client owes a call request bytes: the rest of a message, or the one message
+        of a unary or server-streaming call. (A bidi stream may rest between messages; a stream
+        whose answers wait for the client's window is held back by the server.)"""
+        for c in self.calls.values():
+            if c.finished or c.pending:
+                continue
+            if c.rbuf is not None or (c.task is None and c.method is not None and not c.method.client_streaming):
+                return True
+        return False
 
     # -- reading -----------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -658,7 +669,7 @@ class GrpcConnection(asyncio.Protocol):
         fragment = payload[start:end] if start or end != len(payload) else payload
         if flags & END_HEADERS:
             return self._header_block(sid, flags, fragment)
-        self.block_sid, self.block_flags = sid, flags
+        self.block_sid, self.block_flags, self.block_since = sid, flags, self.loop.time()
         self.block = bytearray(fragment)
         self._check_block_size()
 

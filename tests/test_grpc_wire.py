@@ -470,24 +470,37 @@ def test_oversized_headers_and_floods_get_goaway(srv, stub):
 
 # -- slow clients ------------------------------------------------------------------------------------
 def test_silent_and_stalled_clients_are_dropped(srv, stub):
-    """No preface within KILN_HEADER_TIMEOUT_S (1 s here): closed. Half a message and then silence
-    for KILN_BODY_TIMEOUT_S (1.5 s): GOAWAY and closed. Others are served meanwhile."""
-    silent = Raw(srv.grpc_address)
-    stalled = Raw(srv.grpc_address)
+    """No preface within KILN_HEADER_TIMEOUT_S (1 s here): closed. Half a message, or the headers
+    of a unary call and no message, then silence for KILN_BODY_TIMEOUT_S (1.5 s): GOAWAY and closed.
+    A bidi stream resting between messages is not timed out. Others are served meanwhile."""
+    silent, stalled, headless, resting = (Raw(srv.grpc_address) for _ in range(4))
     try:
         t0 = time.monotonic()
-        stalled.handshake()
         msg = digits_request(np.zeros((1, 1, 8, 8), np.float32)).SerializeToString()
+        stalled.handshake()
         stalled.send(frame(HEADERS, 0x4, 1, stalled.headers_block()),
                      frame(DATA, 0, 1, struct.pack(">BI", 0, len(msg)) + msg[:10]))
+        headless.handshake()
+        headless.send(frame(HEADERS, 0x4, 1, headless.headers_block()))
+        resting.handshake()
+        resting.send(frame(HEADERS, 0x4, 1, resting.headers_block(path="/inference.GRPCInferenceService/ModelStreamInfer")))
         still_serving(stub)
         assert {f[0] for f in silent.until_closed(5)} <= {SETTINGS, WINDOW_UPDATE}  # the server's preface only
         assert 0.9 < time.monotonic() - t0 < 4
-        frames = stalled.until_closed(6)
-        assert goaway_code(frames) is not None and time.monotonic() - t0 > 1.4
+        for raw in (stalled, headless):
+            frames = raw.until_closed(6)
+            assert goaway_code(frames) is not None and time.monotonic() - t0 > 1.4
+        time.sleep(max(0.0, t0 + 3.5 - time.monotonic()))  # past the body timeout and a tick of its timer
+        resting.send(frame(PING, 0, 0, b"stillup?"))
+        while True:
+            f = resting.frame()
+            assert f is not None and f[0] != GOAWAY, f
+            if f[0] == PING and f[1] & 0x1:
+                assert f[3] == b"stillup?"
+                break
     finally:
-        silent.close()
-        stalled.close()
+        for raw in (silent, stalled, headless, resting):
+            raw.close()
     still_serving(stub)
 
 
