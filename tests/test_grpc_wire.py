@@ -387,6 +387,41 @@ def test_content_type_and_deadline_on_the_wire(srv, stub):
         raw.close()
 
 
+def test_hpack_dynamic_table_and_the_decode_cache(srv):
+    """A client whose encoder indexes every header (hpack's Encoder, as nghttp2 and grpc-core do),
+    with request ids that repeat, change and push each other out of the 4 KiB table: every answer
+    carries the id its request sent, cached block decodes included."""
+    rng = np.random.default_rng(5)
+    ids = [f"{k:02d}-" + "x" * 120 for k in range(40)]  # 40 x ~160 bytes: more than the table holds
+    # Each id twice in a row: the second block repeats the first's bytes once the table has the id
+    # (the cache answers it), and once the table is full every insertion also evicts an entry.
+    sent = [ids[i] for i in rng.integers(0, len(ids), 80) for _ in range(2)]
+    raw = Raw(srv.grpc_address)
+    msg = service_pb2.ModelInferRequest(model_name="nope").SerializeToString()  # NOT_FOUND, id in trailers
+    got: dict[int, str] = {}
+    try:
+        raw.handshake()
+        fixed = [(":method", "POST", True), (":scheme", "http", True), (":path", INFER, True),
+                 ("content-type", "application/grpc", True), ("te", "trailers", True)]  # never indexed
+        body = struct.pack(">BI", 0, len(msg)) + msg
+        for i, rid in enumerate(sent):
+            # Only the id enters the table: the block of an id's second request is the same bytes
+            # (its index 62) for every id, each meaning another entry by then.
+            block = raw.encoder.encode([*fixed, ("x-request-id", rid)])
+            raw.send(frame(HEADERS, 0x4, 2 * i + 1, block), frame(DATA, 0x1, 2 * i + 1, body))
+            while 2 * i + 1 not in got:
+                f = raw.frame()
+                assert f is not None
+                if f[0] == HEADERS:
+                    block = dict(raw.decoder.decode(f[3]))
+                    if "grpc-status" in block:
+                        assert block["grpc-status"] == str(grpc.StatusCode.NOT_FOUND.value[0]), block
+                        got[f[2]] = block.get("x-request-id")
+    finally:
+        raw.close()
+    assert [got[2 * i + 1] for i in range(len(sent))] == sent
+
+
 def test_h2load_many_streams_per_connection(srv, tmp_path):
     """h2load (nghttp2), an independent HTTP/2 client: 4 connections × 16 concurrent streams; every
     call a gRPC success in Kiln's own count."""
