@@ -487,6 +487,8 @@ class GrpcConnection(asyncio.Protocol):
 
     # -- reading -----------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            return  # refused, or closed after GOAWAY: what was still in flight is not read
         self.last_read = self.loop.time()
         buf = self.buf
         if buf:
