@@ -1,7 +1,7 @@
 """gRPC's wire: the HTTP/2 server subset gRPC needs (RFC 9113), on asyncio, as one Protocol per connection.
 
 grpc.aio's server costs more server CPU per call with an empty handler than Kiln's whole HTTP/1.1
-infer request (`python -m bench.grpc --floor` measures this transport's floor; docs/grpc.md has
+infer request (`python -m bench.grpc --floor` measures this transport's floor; docs/throughput.md has
 the figures), so Kiln speaks HTTP/2 itself, on the HTTP server's event loop; grpcio stays for the
 generated messages and as the client in tests and benches. What it does:
 
