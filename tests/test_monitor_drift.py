@@ -136,7 +136,7 @@ def test_live_accuracy_and_mae_equal_offline_metrics_exactly():
     assert again[0].result == "duplicate"
 
     reg = LiveQuality("regression", window=1000)
-    recent = RecentPredictions(100)
+    recent = RecentPredictions(100, "regression")  # the index keeps what its task's join needs
     pred = rng.normal(size=(50, 1, 2))
     truth = rng.normal(size=(50, 1, 2))
     for i in range(50):
@@ -145,20 +145,71 @@ def test_live_accuracy_and_mae_equal_offline_metrics_exactly():
     assert reg.value() == float(np.mean(np.abs(pred - truth).reshape(50, -1).mean(axis=1)))
 
 
-def test_recent_predictions_stay_out_of_the_old_gc_generation_and_hold_only_their_rows():
-    """100,000 tracked entries in the old generation would make every full collection walk them."""
+def test_recent_predictions_hold_nothing_the_gc_walks_and_a_fixed_amount_of_memory():
+    """An index the cyclic GC tracks makes every full collection walk its 100,000 entries (each a
+    cache miss, milliseconds with the event loop stopped); per-request objects would too."""
     import gc
 
-    recent = RecentPredictions(1000)
-    batch = np.zeros((32, 10), np.float32)
+    rng = np.random.default_rng(7)
+    recent = RecentPredictions(1000, "classification")
+    batch = rng.normal(size=(32, 10)).astype(np.float32)
     for i in range(1000):
         recent.put(f"r{i}", batch[i % 32:i % 32 + 1], 0.0)
-    gc.collect(0)
-    entry = recent.get("r5")
-    assert not gc.is_tracked(entry), "an index entry is still tracked by the cyclic GC"
-    assert entry[0].base is None and entry[0].shape == (1, 10), "the entry holds a view of the whole batch"
-    recent.mark_labelled("r5")
-    assert recent.get("r5")[2] is True and recent.get("r6")[2] is False
+    assert recent.get("r999").classes.tolist() == [int(batch[999 % 32].argmax())]
+    gc.collect()
+    objects, held = len(gc.get_objects()), [recent._ring.nbytes, recent._when.nbytes, recent._ids.nbytes]
+    for i in range(1000, 11_000):  # ten times the capacity again
+        recent.put(f"r{i}", batch[i % 32:i % 32 + 1], 0.0)
+    assert len(recent) == 1000
+    gc.collect()
+    assert not gc.is_tracked(recent._slots), "the id index is tracked by the cyclic GC"
+    assert len(gc.get_objects()) - objects < 50, "the index leaves tracked objects per request"
+    assert [recent._ring.nbytes, recent._when.nbytes, recent._ids.nbytes] == held
+    recent.mark_labelled("r10005")
+    assert recent.get("r10005").labelled is True and recent.get("r10006").labelled is False
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_recent_predictions_evict_oldest_first_and_join_exactly_across_shapes(task):
+    """Off-layout predictions (another batch size, another dtype) and commits that wrap the ring
+    join exactly as the outputs served; a re-used id answers with its newest prediction."""
+    rng = np.random.default_rng(11)
+    recent, served = RecentPredictions(300, task), {}
+    width = 10 if task == "classification" else 2
+    for i in range(1000):
+        rows = 3 if i % 7 == 0 else 1
+        out = rng.normal(size=(rows, width)).astype(np.float64 if i % 11 == 0 else np.float32)
+        recent.put(f"id-{i}", out, float(i))
+        served[f"id-{i}"] = out
+        if i % 97 == 0:  # a read between puts writes the pending ones first
+            assert recent.get(f"id-{i}").when == float(i)
+    # The same id again: a new prediction (the newest, in a slot of its own), which evicts the oldest.
+    recent.put("id-800", served["id-800"] + 1, 1000.0)
+    served["id-800"] = served["id-800"] + 1
+    assert len(recent) == 299
+    assert all(recent.get(f"id-{i}") is None for i in range(701))  # the oldest went first (id-700 last)
+    for i in range(701, 1000):
+        rid = f"id-{i}"
+        p, out = recent.get(rid), served[rid]
+        assert p.rows == out.shape[0] and p.labelled is False
+        if task == "classification":
+            assert p.values is None and p.classes.tolist() == out.argmax(axis=1).tolist()
+        else:
+            assert p.classes is None and p.values.shape == out.shape and p.values.dtype == out.dtype
+            np.testing.assert_array_equal(p.values, out)
+    assert recent.get("id-800").when == 1000.0
+    q = LiveQuality(task, window=10_000)
+    ids = [f"id-{i}" for i in range(701, 1000)]
+    labels = [served[r].argmax(axis=1) if task == "classification" else served[r] * 0.5 for r in ids]
+    joined = q.join(recent, list(zip(ids, labels)), now=1000.0, found=recent.lookup(ids))
+    q.apply(recent, joined)
+    assert [j.result for j in joined] == ["joined"] * len(ids)
+    if task == "classification":
+        assert q.value() == 1.0 and q.n == sum(len(served[r]) for r in ids)
+    else:
+        expected = np.concatenate([np.abs(served[r].astype(np.float64) - label.astype(np.float64)).mean(axis=1)
+                                   for r, label in zip(ids, labels)])
+        assert q.value() == float(np.mean(expected))
 
 
 def test_feedback_bodies_parse_and_bad_ones_say_what_is_wrong():

@@ -15,9 +15,9 @@ equals the label), regressors the mean absolute error.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -90,35 +90,191 @@ def parse(body: bytes) -> list[tuple[str, np.ndarray]]:
     return out
 
 
+COMMIT = 256               # predictions put() collects before writing them into the index in one step
+RING_MAX_BYTES = 64 << 20  # a regressor's value ring larger than this keeps per-entry copies instead
+
+
+class Prediction(NamedTuple):
+    """What the index kept of one served prediction: all a feedback join needs."""
+
+    rows: int                      # batch rows of the output (1 for an unbatched output)
+    classes: np.ndarray | None     # a classifier's predicted class per row (argmax)
+    values: np.ndarray | None      # a regressor's output, shaped as served
+    when: float                    # time.time() when it was served
+    labelled: bool                 # a label was already joined to it
+
+
 class RecentPredictions:
     """The last `capacity` predictions by request id (any request, sampled or not), for joining
-    feedback. Written and read on the event loop only: no lock."""
+    feedback. Written and read on the event loop only: no lock.
 
-    def __init__(self, capacity: int):
+    Per request it keeps only what a join needs (a classifier's predicted class per row, a
+    regressor's output values) in numpy rings allocated once: nothing per request that the cyclic
+    GC tracks (so no collection walks 100,000 entries) or that eviction frees (a slot is
+    overwritten). `put` only appends to three short lists; every COMMIT predictions, and before
+    any read, they are written into the rings at once (one concatenate, one argmax). The id -> slot
+    dict is brought up to date only when feedback reads it: a server that gets no feedback never
+    pays for it. Its keys and values are str and int, so the GC does not track it either. A
+    prediction of another shape than the one the ring holds (another batch size) keeps a small copy
+    of its own, in an object array (which the GC does not walk)."""
+
+    def __init__(self, capacity: int, task: str = "auto"):
         self.capacity = capacity
-        self._items: OrderedDict[str, list] = OrderedDict()
+        self.task = task  # classification | regression | auto: decided by the first prediction
+        self._rids: list[str] = []            # pending: put since the last commit
+        self._outs: list[np.ndarray] = []
+        self._whens: list[float] = []
+        self._ids = np.empty(capacity, dtype=object)    # request id per slot (None: empty)
+        self._when = np.zeros(capacity)
+        self._labelled = np.zeros(capacity, dtype=bool)
+        self._own = np.empty(capacity, dtype=object)    # None, or (rows, classes, values) of an off-layout entry
+        self._owned = False                   # any slot ever held an off-layout entry
+        self._layout: tuple[tuple[int, ...], np.dtype] | None = None  # (shape, dtype) the ring holds
+        self._ring: np.ndarray | None = None  # classes (capacity,) or values (capacity, size)
+        self._written = 0                     # predictions committed so far; the next goes to slot _written % capacity
+        self._slots: dict[str, int] = {}      # id -> slot, of the first _indexed predictions
+        self._indexed = 0
 
     def put(self, request_id: str, output: np.ndarray, when: float) -> None:
-        items = self._items
-        # A tuple, not a list: the collector stops tracking a tuple of untracked values at its first
-        # young collection, so 100,000 entries never reach the old generation that full collections
-        # walk (a list would, and every full collection would stall the event loop on them). A view
-        # is copied so an entry holds its own rows, not the whole batch's output.
-        items[request_id] = (output if output.base is None else output.copy(), when, False)
-        if len(items) > self.capacity:
-            items.popitem(last=False)
+        rids = self._rids
+        rids.append(request_id)
+        self._outs.append(output)
+        self._whens.append(when)
+        if len(rids) >= COMMIT:
+            self.commit()
 
-    def get(self, request_id: str) -> tuple | None:
-        """(output, time, labelled), or None for an id not (or no longer) in the index."""
-        return self._items.get(request_id)
+    def commit(self) -> None:
+        """Write the pending predictions into the rings (put does it every COMMIT; reads first)."""
+        rids, outs, whens = self._rids, self._outs, self._whens
+        if not rids:
+            return
+        self._rids, self._outs, self._whens = [], [], []
+        cap = self.capacity
+        if len(rids) > cap:
+            rids, outs, whens = rids[-cap:], outs[-cap:], whens[-cap:]
+        n = len(rids)
+        start = self._written % cap
+        slots = np.arange(start, start + n) % cap if start + n > cap else slice(start, start + n)
+        self._written += n
+        self._ids[slots] = rids
+        self._when[slots] = whens
+        self._labelled[slots] = False
+        if self._owned:
+            self._own[slots] = None
+        if self._layout is None:
+            self._choose_layout(outs)
+        if self._layout is not None:
+            rows = self._rows_of(outs, n)
+            if rows is not None:
+                self._ring[slots] = rows
+                return
+        self._owned = True
+        index = np.arange(cap)[slots]
+        shape, dtype = self._layout or ((), None)
+        fits = [o.shape == shape and o.dtype == dtype for o in outs] if self._layout else [False] * n
+        if any(fits):
+            stack = np.stack([o for o, f in zip(outs, fits) if f]).reshape(sum(fits), -1)
+            self._ring[index[fits]] = stack.argmax(axis=1) if self._ring.ndim == 1 else stack
+        own = self._own
+        for i, (output, fit) in enumerate(zip(outs, fits)):
+            if not fit:
+                own[index[i]] = self._compact(output)
+
+    def _rows_of(self, outs: list[np.ndarray], n: int) -> np.ndarray | None:
+        """The ring rows of n predictions that all have the ring's layout (one concatenate), else None."""
+        shape, dtype = self._layout
+        try:
+            if not shape or set(map(len, outs)) != {shape[0]}:
+                return None
+            stack = np.concatenate(outs)
+        except (TypeError, ValueError):  # a 0-d output, or another trailing shape
+            return None
+        if stack.shape[1:] != shape[1:]:
+            return None
+        stack = stack.reshape(n, -1)
+        if self._ring.ndim == 1:
+            return stack.argmax(axis=1)
+        if stack.dtype != dtype or [o.dtype for o in outs].count(dtype) != n:
+            return None  # values are kept exactly: no item cast to another dtype
+        return stack
+
+    def _choose_layout(self, outs: list[np.ndarray]) -> None:
+        """The task (when auto) from the first prediction, and the one (shape, dtype) the ring holds:
+        a classifier's first one-row output (kept as its argmax), a regressor's first output."""
+        first = outs[0]
+        if self.task == "auto":  # as LiveQuality decides: more than one value per row is a classifier
+            rows = first.shape[0] if first.ndim > 1 else 1
+            self.task = "classification" if rows and first.size // rows > 1 else "regression"
+        for output in outs:
+            if output.dtype.kind not in "biuf" or output.size == 0:
+                continue
+            if self.task != "classification":
+                if self.capacity * output.nbytes <= RING_MAX_BYTES:
+                    self._ring = np.zeros((self.capacity, output.size), dtype=output.dtype)
+                    self._layout = (output.shape, output.dtype)
+                return
+            if output.ndim <= 1 or output.shape[0] == 1:
+                self._ring = np.zeros(self.capacity, dtype=np.int64)
+                self._layout = (output.shape, output.dtype)
+                return
+
+    def _compact(self, output: np.ndarray) -> tuple[int, np.ndarray | None, np.ndarray | None]:
+        rows = output.shape[0] if output.ndim > 1 else 1
+        if self.task == "classification" and output.dtype.kind in "biuf" and output.size:
+            return rows, output.reshape(rows, -1).argmax(axis=1), None
+        return rows, None, np.array(output)
+
+    def _index(self) -> dict[str, int]:
+        """The id -> slot dict, brought up to date (the newest prediction of a re-used id wins)."""
+        self.commit()
+        cap, new = self.capacity, self._written - self._indexed
+        if new:
+            if new >= cap or len(self._slots) + new > 2 * cap:  # rebuild: drops the evicted ids too
+                first = self._written % cap if self._written >= cap else 0
+                order = np.arange(first, first + min(cap, self._written)) % cap
+                self._slots = dict(zip(self._ids[order].tolist(), order.tolist()))
+            else:
+                order = np.arange(self._indexed, self._written) % cap
+                self._slots.update(zip(self._ids[order].tolist(), order.tolist()))
+            self._indexed = self._written
+        return self._slots
+
+    def _slot(self, slot_of: dict[str, int], request_id: str) -> int | None:
+        slot = slot_of.get(request_id)
+        # An entry of an evicted prediction stays in the dict until the next rebuild: its slot holds another id now.
+        return slot if slot is not None and self._ids[slot] == request_id else None
+
+    def get(self, request_id: str) -> Prediction | None:
+        """The prediction served under this id, or None for an id not (or no longer) in the index."""
+        slot = self._slot(self._index(), request_id)
+        return None if slot is None else self._prediction(slot)
+
+    def lookup(self, request_ids: list[str]) -> list[Prediction | None]:
+        """get() of many ids at once: a snapshot, so the join can run in another thread while the
+        event loop keeps writing."""
+        slot_of = self._index()
+        return [None if (s := self._slot(slot_of, rid)) is None else self._prediction(s) for rid in request_ids]
+
+    def _prediction(self, slot: int) -> Prediction:
+        own = self._own[slot]
+        if own is not None:
+            rows, classes, values = own
+        elif self._ring.ndim == 1:
+            rows, classes, values = 1, self._ring[slot:slot + 1].copy(), None
+        else:
+            shape = self._layout[0]
+            rows, classes, values = (shape[0] if len(shape) > 1 else 1), None, self._ring[slot].reshape(shape).copy()
+        return Prediction(rows, classes, values, float(self._when[slot]), bool(self._labelled[slot]))
 
     def mark_labelled(self, request_id: str) -> None:
-        entry = self._items.get(request_id)
-        if entry is not None:
-            self._items[request_id] = (entry[0], entry[1], True)
+        slot = self._slot(self._index(), request_id)
+        if slot is not None:
+            self._labelled[slot] = True
 
     def __len__(self) -> int:
-        return len(self._items)
+        """Distinct ids the index answers for."""
+        slot_of = self._index()
+        return sum(1 for rid, s in slot_of.items() if self._ids[s] == rid)
 
 
 @dataclass
@@ -143,16 +299,16 @@ class LiveQuality:
     def metric(self) -> str:
         return "mae" if self.task == "regression" else "top1"
 
-    def _task_for(self, output: np.ndarray, rows: int) -> str:
-        if self.task == "auto":
-            self.task = "classification" if output.reshape(rows, -1).shape[1] > 1 else "regression"
+    def _task_for(self, p: Prediction) -> str:
+        if self.task == "auto":  # the index decided it from the first prediction (the same rule)
+            self.task = "classification" if p.classes is not None else "regression"
         return self.task
 
-    def score(self, output: np.ndarray, label: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+    def score(self, p: Prediction, label: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
         """Per-row scores of a prediction against its label (1/0 correct, or mean abs error), and
         the label as stored (class indices, or values shaped like the output)."""
-        rows = output.shape[0] if output.ndim > 1 else 1
-        task = self._task_for(output, rows)
+        rows = p.rows
+        task = self._task_for(p)
         if task == "classification":
             flat = label.reshape(-1)
             if flat.dtype == object:
@@ -166,8 +322,12 @@ class LiveQuality:
                 flat = flat.astype(np.int64)
             if flat.size != rows:
                 raise InvalidInput(f"{where}: {flat.size} label(s) for a prediction of {rows} row(s)")
-            predicted = output.reshape(rows, -1).argmax(axis=1)
+            predicted = p.classes if p.classes is not None else p.values.reshape(rows, -1).argmax(axis=1)
             return (predicted == flat).astype(np.float64), flat.astype(np.int64)
+        output = p.values
+        if output is None:
+            raise InvalidInput(f"{where}: a regressor's label for a prediction the index kept as classes "
+                               "(RecentPredictions and LiveQuality of different tasks)")
         if label.dtype == object:
             raise InvalidInput(f"{where}: a regressor's label is numbers, not class names")
         if label.size != output.size:
@@ -176,20 +336,23 @@ class LiveQuality:
         err = np.abs(output.reshape(rows, -1).astype(np.float64) - values.reshape(rows, -1))
         return err.mean(axis=1), values
 
-    def join(self, recent: RecentPredictions, items: list[tuple[str, np.ndarray]], now: float) -> list[Joined]:
-        """Score every item without changing any state (a bad item fails the whole request)."""
+    def join(self, recent: RecentPredictions, items: list[tuple[str, np.ndarray]], now: float,
+             found: list[Prediction | None] | None = None) -> list[Joined]:
+        """Score every item without changing any state (a bad item fails the whole request).
+        `found`: recent.lookup() of the items' ids, taken on the event loop when the join itself
+        runs in another thread."""
+        if found is None:
+            found = recent.lookup([rid for rid, _ in items])
         out = []
         seen: set[str] = set()
-        for i, (rid, label) in enumerate(items):
-            entry = recent.get(rid)
+        for i, ((rid, label), entry) in enumerate(zip(items, found)):
             if entry is None:
                 out.append(Joined(rid, label, None, "unmatched"))
                 continue
-            output, when, labelled = entry
-            scores, label = self.score(output, label, f"feedback item {i} (id {rid!r})")
-            if labelled or rid in seen:
+            scores, label = self.score(entry, label, f"feedback item {i} (id {rid!r})")
+            if entry.labelled or rid in seen:
                 out.append(Joined(rid, label, None, "duplicate"))
-            elif now - when > self.max_delay_s:
+            elif now - entry.when > self.max_delay_s:
                 out.append(Joined(rid, label, None, "late"))
             else:
                 out.append(Joined(rid, label, scores, "joined"))
