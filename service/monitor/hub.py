@@ -36,7 +36,8 @@ from .store import CaptureStore, Sample
 
 log = logging.getLogger("kiln.monitor")
 
-POLL_S = 0.02             # the worker's sleep when its queue is empty: fewer wake-ups (GIL hand-offs) per second
+WAKE_AT = 256             # queued items that wake the worker at once (else it wakes every IDLE_S)
+IDLE_S = 0.25             # the worker's longest sleep: the latency of a sample or drift row reaching it
 BATCH = 512               # items the worker takes at once
 WRITE_S = 1.0             # captured samples are written at most once a second: one commit (and its fsync) a second, not one a poll
 TICK_S = 2.0              # store size gauges, live-metric history
@@ -65,7 +66,7 @@ class ModelMonitor:
         task = cfg.task
         if task == "auto" and spec is not None and spec.shape and spec.shape[-1] != -1:
             task = "classification" if spec.shape[-1] > 1 else "regression"
-        self.recent = fb.RecentPredictions(hub.recent_capacity)
+        self.recent = fb.RecentPredictions(hub.recent_capacity, task)
         self.quality = fb.LiveQuality(task, cfg.feedback.window, mv.labels, cfg.feedback.max_delay_s)
         # Drift: which flattened elements of which inputs are features (fixed-shape numeric inputs).
         dcfg = cfg.drift
@@ -199,6 +200,7 @@ class Monitor:
         self.store: CaptureStore | None = None
         self.sink = None
         self._stop = False
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._pending: list = []  # (ModelMonitor, Sample) waiting for the next write
         self._last_write = 0.0
@@ -267,8 +269,11 @@ class Monitor:
                 if capture:
                     mon.dropped.inc()
                 return
-            self._queue.append((mon, request_id, now, time.perf_counter() - start, inputs if capture else None,
-                                outputs, drift))
+            queue = self._queue
+            queue.append((mon, request_id, now, time.perf_counter() - start, inputs if capture else None,
+                          outputs, drift))
+            if len(queue) == WAKE_AT:  # a batch's worth: wake the worker now (one Event.set per batch)
+                self._wake.set()
         except Exception:  # monitoring must never fail a request
             log.exception("monitor: observing a request of %s failed", mv.name)
 
@@ -281,8 +286,9 @@ class Monitor:
                                "no predictions are kept to join feedback with")
         items = fb.parse(body)
         now = time.time()
-        if len(items) > INLINE_FEEDBACK:
-            joined = await asyncio.to_thread(mon.quality.join, mon.recent, items, now)
+        if len(items) > INLINE_FEEDBACK:  # looked up here (a snapshot), scored in a thread
+            found = mon.recent.lookup([rid for rid, _ in items])
+            joined = await asyncio.to_thread(mon.quality.join, mon.recent, items, now, found)
         else:
             joined = mon.quality.join(mon.recent, items, now)
         mon.quality.apply(mon.recent, joined)
@@ -322,8 +328,9 @@ class Monitor:
             elif self._stop:
                 self._write_pending()
                 return
-            else:
-                time.sleep(POLL_S)
+            else:  # asleep until a batch's worth is queued, a flush, or IDLE_S: a few wake-ups a second
+                self._wake.wait(IDLE_S)
+                self._wake.clear()
             now = time.monotonic()
             if self._pending and now - self._last_write >= WRITE_S:
                 self._write_pending()
@@ -401,13 +408,15 @@ class Monitor:
         """Wait until the worker has taken everything queued so far (tests, shutdown)."""
         deadline = time.monotonic() + timeout
         while self._queue and time.monotonic() < deadline:
-            time.sleep(POLL_S)
+            self._wake.set()
+            time.sleep(0.01)
 
     def close(self) -> None:
         if self._thread is None:
             return
         self.flush()
         self._stop = True
+        self._wake.set()
         self._thread.join(10)
         if self.sink is not None:
             self.sink.close()
