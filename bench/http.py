@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -241,6 +242,10 @@ def start_kiln(model_names: list[str], env: dict[str, str] | None = None, grpc: 
     repo = models.build_repo(model_names)
     log_dir = WORK / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    # Each server its own, empty capture store (the compile cache is shared): servers sharing one
+    # SQLite file would measure each other's writes and its size, not one server's monitoring.
+    (WORK / "monitor").mkdir(parents=True, exist_ok=True)
+    env = {"KILN_MONITOR_DIR": tempfile.mkdtemp(prefix="kiln-", dir=WORK / "monitor"), **(env or {})}
     return start_server(repo, WORK / "cache", log_dir=log_dir,
                         args=["--models", ",".join(model_names), "--log-level", "warning"],
                         cpu=SERVER_CPU, timeout=900, env=env, grpc=grpc)
@@ -275,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [m for m in args.models.split(",") if m]
     formats = args.formats.split(",")
     results: list[dict] = []
+    shutil.rmtree(WORK / "monitor", ignore_errors=True)  # the capture stores of earlier runs (start_kiln)
 
     # The in-process baseline reads the sources build_repo writes: build them first on a fresh checkout.
     models.build_repo(sorted({n.replace("-nobatch", "") for n in names}))

@@ -269,6 +269,9 @@ class Monitor:
                 if capture:
                     mon.dropped.inc()
                 return
+            if capture:  # copied now: a binary request's inputs are views of a staging slab, which is
+                # reused (warm, without page faults) only once nothing refers to it (service/staging.py)
+                inputs = {k: np.array(v) for k, v in inputs.items()}
             queue = self._queue
             queue.append((mon, request_id, now, time.perf_counter() - start, inputs if capture else None,
                           outputs, drift))
@@ -354,9 +357,8 @@ class Monitor:
                     parts = drift.setdefault(mon, ([], []))
                     parts[0].append(rows)
                     parts[1].append(outputs.get(mon.output))
-                if inputs is not None:  # copies: a request's arrays may be views of a staging slab
-                    samples.append((mon, Sample(mon.name, mon.version, rid, when, latency,
-                                                {k: np.array(v) for k, v in inputs.items()},
+                if inputs is not None:  # inputs copied by observe; outputs may be views of a batch's
+                    samples.append((mon, Sample(mon.name, mon.version, rid, when, latency, inputs,
                                                 {k: np.array(v) for k, v in outputs.items()})))
         for mon, (rows, outs) in drift.items():  # one detector call per model and batch of requests
             try:
