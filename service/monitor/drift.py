@@ -239,9 +239,6 @@ class DriftDetector:
                 if pv[j] >= threshold:
                     break
         result = DriftResult(len(rows), self.features, ks, pv, ps, threshold, seen=self.seen, fresh=fresh)
-        tests = nf + (1 if self.reference_classes is not None else 0)
-        threshold = self.p_value / tests
-        result = DriftResult(len(rows), self.features, ks, pv, ps, threshold, seen=self.seen)
         if self.reference_classes is not None:
             live = np.bincount(self.window_classes(), minlength=self.n_classes)[:self.n_classes]
             table = np.stack([live, self.reference_classes])

@@ -37,7 +37,7 @@ from .store import CaptureStore, Sample
 log = logging.getLogger("kiln.monitor")
 
 WAKE_AT = 256             # queued items that wake the worker at once (else it wakes every IDLE_S)
-IDLE_S = 0.25             # the worker's longest sleep: the latency of a sample or drift row reaching it
+IDLE_S = 0.5              # the worker's longest sleep: the latency of a sample or drift row reaching it
 BATCH = 512               # items the worker takes at once
 WRITE_S = 1.0             # captured samples are written at most once a second: one commit (and its fsync) a second, not one a poll
 TICK_S = 2.0              # store size gauges, live-metric history
@@ -158,7 +158,11 @@ class ModelMonitor:
             return
         classes = None
         if self.detector.reference_classes is not None and all(o is not None for o in outputs):
-            classes = np.concatenate([o.reshape(o.shape[0] if o.ndim > 1 else 1, -1).argmax(axis=1) for o in outputs])
+            if len({(o.shape, o.dtype) for o in outputs}) == 1 and outputs[0].ndim > 1:  # one argmax for all
+                classes = np.concatenate(outputs).reshape(len(outputs) * outputs[0].shape[0], -1).argmax(axis=1)
+            else:
+                classes = np.concatenate([o.reshape(o.shape[0] if o.ndim > 1 else 1, -1).argmax(axis=1)
+                                          for o in outputs])
         for result in self.detector.add(rows, classes):
             self._publish(result, store)
 
