@@ -230,3 +230,30 @@ def test_feedback_bodies_parse_and_bad_ones_say_what_is_wrong():
         q.join(recent, [("a", np.asarray(1))], now=0.0)
     with pytest.raises(InvalidInput, match="class index"):
         q.join(recent, [("a", np.asarray([1.5, 2]))], now=0.0)
+
+
+def test_capture_store_byte_totals_follow_inserts_and_evictions_and_start_from_an_older_file(tmp_path):
+    """The size gauge reads per-model totals that triggers keep, not a SUM over every sample."""
+    import sqlite3
+
+    from service.monitor.store import CaptureStore, Sample
+
+    def sums(path):
+        with sqlite3.connect(path) as db:
+            return {(m, v): b for m, v, b in db.execute("SELECT model, version, SUM(bytes) FROM samples "
+                                                        "GROUP BY model, version")}
+
+    x = np.zeros((1, 64), np.float32)
+    store = CaptureStore(tmp_path, 256 * 1024)
+    for k in range(30):  # several times the cap: the oldest samples are evicted on the way
+        store.insert(Sample("a" if k % 3 else "b", "1", f"r{k}-{i}", 0.0, 0.0, {"x": x}, {"y": x[:, :10]})
+                     for i in range(20))
+    assert store.bytes_by_model() == sums(store.path) and len(store.bytes_by_model()) == 2
+    store.close()
+    with sqlite3.connect(store.path) as db:  # a store written before the totals existed
+        db.executescript("DROP TRIGGER sample_bytes_insert; DROP TRIGGER sample_bytes_delete; DROP TABLE sample_bytes")
+    store = CaptureStore(tmp_path, 256 * 1024)
+    assert store.bytes_by_model() == sums(store.path)
+    store.insert([Sample("c", "2", "late", 0.0, 0.0, {"x": x}, {"y": x})])
+    assert store.bytes_by_model() == sums(store.path) and ("c", "2") in store.bytes_by_model()
+    store.close()

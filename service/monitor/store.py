@@ -56,6 +56,20 @@ CREATE TABLE IF NOT EXISTS live (
     metric TEXT NOT NULL, value REAL NOT NULL, n INTEGER NOT NULL);
 """
 
+# Tensor bytes per model version, kept by triggers in the same transactions as the samples (so
+# every process writing the file agrees): the size gauge reads a few rows, not a SUM over up to
+# hundreds of thousands of samples every TICK_S.
+SAMPLE_BYTES = (
+    "CREATE TABLE sample_bytes (model TEXT NOT NULL, version TEXT NOT NULL, bytes INTEGER NOT NULL, "
+    "PRIMARY KEY (model, version))",
+    "INSERT INTO sample_bytes SELECT model, version, SUM(bytes) FROM samples GROUP BY model, version",
+    "CREATE TRIGGER sample_bytes_insert AFTER INSERT ON samples BEGIN "
+    "INSERT INTO sample_bytes (model, version, bytes) VALUES (NEW.model, NEW.version, NEW.bytes) "
+    "ON CONFLICT (model, version) DO UPDATE SET bytes = bytes + excluded.bytes; END",
+    "CREATE TRIGGER sample_bytes_delete AFTER DELETE ON samples BEGIN "
+    "UPDATE sample_bytes SET bytes = bytes - OLD.bytes WHERE model = OLD.model AND version = OLD.version; END",
+)
+
 
 def to_npy(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
@@ -119,6 +133,15 @@ class CaptureStore:
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.execute("PRAGMA busy_timeout=10000")
             self.db.executescript(SCHEMA)
+            self.db.execute("BEGIN IMMEDIATE")  # one writer creates the totals (from the rows of an older file)
+            try:
+                if self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'sample_bytes'").fetchone() is None:
+                    for statement in SAMPLE_BYTES:
+                        self.db.execute(statement)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
 
     # -- size ---------------------------------------------------------------------------------
     def disk_bytes(self) -> int:
@@ -133,7 +156,7 @@ class CaptureStore:
 
     def bytes_by_model(self) -> dict[tuple[str, str], int]:
         with self._lock:
-            rows = self.db.execute("SELECT model, version, SUM(bytes) FROM samples GROUP BY model, version").fetchall()
+            rows = self.db.execute("SELECT model, version, bytes FROM sample_bytes").fetchall()
         return {(m, v): int(b or 0) for m, v, b in rows}
 
     # -- writes (the capture worker) ------------------------------------------------------------
