@@ -1,14 +1,17 @@
 """The monitor: what the infer path hands over, and the background worker that does the rest.
 
 Request path (`Monitor.observe`, on the event loop, after the response is encoded): the
-prediction into the recent-predictions index (an OrderedDict insert), a random draw, and for a
-sampled request one append to a bounded deque — never a lock, a write or a wait. A full deque
-drops the sample and counts it (kiln_capture_samples_total{result="dropped"}).
+prediction into the recent-predictions index (three list appends; every 256 requests one
+vectorized write into its numpy rings, service/monitor/feedback.py), a random draw, and for a
+sampled request (or drift rows) one append to a bounded deque — never a lock, a write or a wait.
+A full deque drops the sample and counts it (kiln_capture_samples_total{result="dropped"}).
 
-Worker thread (`kiln-monitor`): drains the deque every few ms into the drift windows
-(service/monitor/drift.py), the capture store (service/monitor/store.py) and the CloudEvents
-sink (service/monitor/sink.py). Feedback (`Monitor.feedback`) is joined on the event loop,
-against the same index the infer path writes, so it needs no lock either.
+Worker thread (`kiln-monitor`): asleep until a batch's worth (WAKE_AT items) is queued, or at most
+IDLE_S, so it takes the GIL and the core a few times a second rather than polling; it drains the
+deque into the drift windows (service/monitor/drift.py), the capture store
+(service/monitor/store.py, one commit a second) and the CloudEvents sink (service/monitor/sink.py).
+Feedback (`Monitor.feedback`) is joined on the event loop, against the same index the infer path
+writes, so it needs no lock either (a large body is looked up there and scored in a thread).
 """
 
 from __future__ import annotations
