@@ -257,3 +257,20 @@ def test_capture_store_byte_totals_follow_inserts_and_evictions_and_start_from_a
     store.insert([Sample("c", "2", "late", 0.0, 0.0, {"x": x}, {"y": x})])
     assert store.bytes_by_model() == sums(store.path) and ("c", "2") in store.bytes_by_model()
     store.close()
+
+
+def test_an_evaluation_between_full_p_value_passes_marks_which_p_values_it_computed():
+    """Between p_value_interval_s passes only the drifting features' p-values (and the first
+    non-drifting one) are computed: result.fresh says which, so stale ones are not published."""
+    rng = np.random.default_rng(5)
+    ref = rng.normal(size=(500, 4))
+    clock = iter(float(t) for t in range(100)).__next__
+    det = DriftDetector(ref, [f"f{j}" for j in range(4)], window=200, every=100, p_value_interval_s=1000.0,
+                        clock=clock)
+    live = rng.normal(size=(400, 4))
+    live[:, 0] += 3.0
+    results = det.add(live)  # an evaluation every 100 rows
+    first, second = results[0], results[-1]
+    assert first.fresh is not None and first.fresh.all()
+    assert second.fresh is not None and second.fresh[0] and not second.fresh.all()
+    assert second.detected and "f0" in second.drifted
