@@ -274,3 +274,22 @@ def test_an_evaluation_between_full_p_value_passes_marks_which_p_values_it_compu
     assert first.fresh is not None and first.fresh.all()
     assert second.fresh is not None and second.fresh[0] and not second.fresh.all()
     assert second.detected and "f0" in second.drifted
+
+
+def test_the_capture_countdown_picks_requests_at_the_sample_rate():
+    """Gaps between captured requests are geometric: each request captured with probability rate,
+    independently, as one draw per request would be (the draw itself is saved)."""
+    import random
+    from types import SimpleNamespace
+
+    from service.monitor.hub import ModelMonitor
+
+    draw = random.Random(3).random
+    for rate in (0.01, 0.25):
+        mon = SimpleNamespace(sample_rate=rate, enabled=True, _random=draw)
+        gaps = np.array([ModelMonitor.capture_gap(mon) for _ in range(40_000)])
+        assert gaps.min() == 1 and abs(gaps.mean() * rate - 1) < 0.03  # E[gap] = 1 / rate
+        assert abs(np.mean(gaps == 1) - rate) < 0.01  # P(the very next request) = rate
+    assert ModelMonitor.capture_gap(SimpleNamespace(sample_rate=1.0, enabled=True, _random=draw)) == 1
+    assert ModelMonitor.capture_gap(SimpleNamespace(sample_rate=0.0, enabled=True, _random=draw)) == float("inf")
+    assert ModelMonitor.capture_gap(SimpleNamespace(sample_rate=0.5, enabled=False, _random=draw)) == float("inf")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import threading
 import time
@@ -87,7 +88,11 @@ class ModelMonitor:
         # Rows the detector can use: one window per evaluation interval. Beyond that, rows would
         # only cost CPU, so busy models feed it a sample (the first `window` rows of each interval).
         self.drift_interval = dcfg.min_interval_s
-        self.drift_budget, self.drift_reset = dcfg.window, 0.0
+        self.drift_budget, self.drift_reset = (dcfg.window, 0.0) if self.drift_rate > 0 else (0, math.inf)
+        # Capture: a countdown to the next captured request, its gaps drawn from the geometric
+        # distribution: the same requests as one random draw per request would pick, without the draw.
+        self._random = hub._random
+        self.capture_in = self.capture_gap()
         self._drift_state = "new"  # new | on | off (set by the worker)
         self.drift_detected = False
         self.last_live = 0.0
@@ -101,6 +106,28 @@ class ModelMonitor:
             self.dropped.inc(0)
 
     # -- request path -----------------------------------------------------------------------------
+    def capture_gap(self) -> float:
+        """Requests until the next captured one (1 = the next), for a capture rate of sample_rate."""
+        rate = self.sample_rate if self.enabled else 0.0
+        if rate <= 0:
+            return math.inf
+        if rate >= 1:
+            return 1
+        return 1 + math.floor(math.log(1.0 - self._random()) / math.log1p(-rate))
+
+    def take_drift(self, inputs: dict[str, np.ndarray], now: float) -> np.ndarray | None:
+        """The request's rows for the drift window, while this interval's budget lasts."""
+        if self.drift_rate < 1.0 and self._random() >= self.drift_rate:
+            return None
+        if now >= self.drift_reset:
+            self.drift_reset, self.drift_budget = now + self.drift_interval, self.detector_window
+        if self.drift_budget <= 0 and self.drift_interval:
+            return None
+        rows = self.drift_rows(inputs)
+        if rows is not None:
+            self.drift_budget -= len(rows)
+        return rows
+
     def drift_rows(self, inputs: dict[str, np.ndarray]) -> np.ndarray | None:
         """The request's feature rows (a small copy, so no request buffer is held)."""
         parts = []
@@ -203,6 +230,7 @@ class Monitor:
         self.queue_size = settings.monitor_queue_size
         self._queue: deque = deque()
         self._models: dict[tuple[str, str], ModelMonitor] = {}
+        self._last: ModelMonitor | None = None  # the monitor of the last request's model version
         self._random = random.random
         self.store: CaptureStore | None = None
         self.sink = None
@@ -244,6 +272,8 @@ class Monitor:
 
     def forget(self, model: str, version: str) -> None:
         self._models.pop((model, version), None)
+        if self._last is not None and (self._last.name, self._last.version) == (model, version):
+            self._last = None
         mm_metrics.forget(model, version)
 
     # -- the infer path ---------------------------------------------------------------------------
@@ -251,25 +281,28 @@ class Monitor:
                 start: float) -> None:
         """One answered request. `request_id`: the v2 request's `id`, else the x-request-id."""
         try:
-            mon = self._models.get((mv.name, mv.version))
+            mon = self._last
             if mon is None or mon.mv is not mv:
-                mon = self.for_model(mv)
+                mon = self._models.get((mv.name, mv.version))
+                if mon is None or mon.mv is not mv:
+                    mon = self.for_model(mv)
+                self._last = mon
             if not mon.enabled:
                 return
             if not request_id:  # no v2 id (gRPC sends ""): the id Kiln assigned (x-request-id)
                 ctx = REQUEST.get()
                 request_id = ctx[0] if ctx is not None else new_request_id(None)
             now = time.time()
-            if mon.output is not None and mon.output in outputs:
-                mon.recent.put(request_id, outputs[mon.output], now)
-            capture = mon.sample_rate > 0 and self._random() < mon.sample_rate
+            out = outputs.get(mon.output)
+            if out is not None:
+                mon.recent.put(request_id, out, now)
+            mon.capture_in -= 1
+            capture = mon.capture_in <= 0
+            if capture:
+                mon.capture_in = mon.capture_gap()
             drift = None
-            if mon.drift_rate >= 1.0 or (mon.drift_rate > 0 and self._random() < mon.drift_rate):
-                if now >= mon.drift_reset:
-                    mon.drift_reset, mon.drift_budget = now + mon.drift_interval, mon.detector_window
-                if mon.drift_budget > 0 or not mon.drift_interval:
-                    drift = mon.drift_rows(inputs)
-                    mon.drift_budget -= len(drift)
+            if mon.drift_budget > 0 or now >= mon.drift_reset:  # else this interval's drift rows are all taken
+                drift = mon.take_drift(inputs, now)
             if not capture and drift is None:
                 return
             if len(self._queue) >= self.queue_size:
