@@ -175,16 +175,19 @@ def test_recent_predictions_evict_oldest_first_and_join_exactly_across_shapes(ta
     join exactly as the outputs served; a re-used id answers with its newest prediction."""
     rng = np.random.default_rng(11)
     recent, served = RecentPredictions(300, task), {}
+    lazy = RecentPredictions(300, task)  # never read until the end: its id dict is built then
     width = 10 if task == "classification" else 2
     for i in range(1000):
         rows = 3 if i % 7 == 0 else 1
         out = rng.normal(size=(rows, width)).astype(np.float64 if i % 11 == 0 else np.float32)
         recent.put(f"id-{i}", out, float(i))
+        lazy.put(f"id-{i}", out, float(i))
         served[f"id-{i}"] = out
         if i % 97 == 0:  # a read between puts writes the pending ones first
             assert recent.get(f"id-{i}").when == float(i)
     # The same id again: a new prediction (the newest, in a slot of its own), which evicts the oldest.
     recent.put("id-800", served["id-800"] + 1, 1000.0)
+    lazy.put("id-800", served["id-800"] + 1, 1000.0)
     served["id-800"] = served["id-800"] + 1
     assert len(recent) == 299
     assert all(recent.get(f"id-{i}") is None for i in range(701))  # the oldest went first (id-700 last)
@@ -198,6 +201,9 @@ def test_recent_predictions_evict_oldest_first_and_join_exactly_across_shapes(ta
             assert p.classes is None and p.values.shape == out.shape and p.values.dtype == out.dtype
             np.testing.assert_array_equal(p.values, out)
     assert recent.get("id-800").when == 1000.0
+    every = [f"id-{i}" for i in range(1000)]
+    assert [None if p is None else (p.rows, p.when) for p in lazy.lookup(every)] == \
+        [None if p is None else (p.rows, p.when) for p in recent.lookup(every)]
     q = LiveQuality(task, window=10_000)
     ids = [f"id-{i}" for i in range(701, 1000)]
     labels = [served[r].argmax(axis=1) if task == "classification" else served[r] * 0.5 for r in ids]

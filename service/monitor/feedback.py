@@ -113,8 +113,9 @@ class RecentPredictions:
     GC tracks (so no collection walks 100,000 entries) or that eviction frees (a slot is
     overwritten). `put` only appends to three short lists; every COMMIT predictions, and before
     any read, they are written into the rings at once (one concatenate, one argmax). The id -> slot
-    dict is brought up to date only when feedback reads it: a server that gets no feedback never
-    pays for it. Its keys and values are str and int, so the GC does not track it either. A
+    dict is built when feedback first reads the index (a server that gets no feedback never pays
+    for it) and kept by each commit from then on. Its keys and values are str and int, so the GC
+    does not track it either. A
     prediction of another shape than the one the ring holds (another batch size) keeps a small copy
     of its own, in an object array (which the GC does not walk)."""
 
@@ -132,8 +133,8 @@ class RecentPredictions:
         self._layout: tuple[tuple[int, ...], np.dtype] | None = None  # (shape, dtype) the ring holds
         self._ring: np.ndarray | None = None  # classes (capacity,) or values (capacity, size)
         self._written = 0                     # predictions committed so far; the next goes to slot _written % capacity
-        self._slots: dict[str, int] = {}      # id -> slot, of the first _indexed predictions
-        self._indexed = 0
+        self._slots: dict[str, int] = {}      # id -> slot, kept once feedback has read the index
+        self._kept = False
 
     def put(self, request_id: str, output: np.ndarray, when: float) -> None:
         rids = self._rids
@@ -155,6 +156,13 @@ class RecentPredictions:
         n = len(rids)
         start = self._written % cap
         slots = np.arange(start, start + n) % cap if start + n > cap else slice(start, start + n)
+        if self._kept:  # feedback reads this index: the dict follows every write (no catch-up stall)
+            slot_of = self._slots
+            for s, old in zip(np.arange(cap)[slots].tolist(), self._ids[slots].tolist()):
+                if old is not None and slot_of.get(old) == s:
+                    del slot_of[old]
+            slot_of.update(zip(rids, range(start, start + n)) if start + n <= cap
+                           else zip(rids, slots.tolist()))
         self._written += n
         self._ids[slots] = rids
         self._when[slots] = whens
@@ -163,11 +171,10 @@ class RecentPredictions:
             self._own[slots] = None
         if self._layout is None:
             self._choose_layout(outs)
-        if self._layout is not None:
-            rows = self._rows_of(outs, n)
-            if rows is not None:
-                self._ring[slots] = rows
-                return
+        rows = self._rows_of(outs, n) if self._layout is not None else None
+        if rows is not None:
+            self._ring[slots] = rows
+            return
         self._owned = True
         index = np.arange(cap)[slots]
         shape, dtype = self._layout or ((), None)
@@ -225,24 +232,19 @@ class RecentPredictions:
         return rows, None, np.array(output)
 
     def _index(self) -> dict[str, int]:
-        """The id -> slot dict, brought up to date (the newest prediction of a re-used id wins)."""
+        """The id -> slot dict, up to date. Built at the first read (a server that gets no feedback
+        never pays for it), then kept by every commit; the newest prediction of a re-used id wins."""
         self.commit()
-        cap, new = self.capacity, self._written - self._indexed
-        if new:
-            if new >= cap or len(self._slots) + new > 2 * cap:  # rebuild: drops the evicted ids too
-                first = self._written % cap if self._written >= cap else 0
-                order = np.arange(first, first + min(cap, self._written)) % cap
-                self._slots = dict(zip(self._ids[order].tolist(), order.tolist()))
-            else:
-                order = np.arange(self._indexed, self._written) % cap
-                self._slots.update(zip(self._ids[order].tolist(), order.tolist()))
-            self._indexed = self._written
+        if not self._kept:
+            cap = self.capacity
+            first = self._written % cap if self._written >= cap else 0
+            order = np.arange(first, first + min(cap, self._written)) % cap
+            self._slots = dict(zip(self._ids[order].tolist(), order.tolist()))
+            self._kept = True
         return self._slots
 
     def _slot(self, slot_of: dict[str, int], request_id: str) -> int | None:
-        slot = slot_of.get(request_id)
-        # An entry of an evicted prediction stays in the dict until the next rebuild: its slot holds another id now.
-        return slot if slot is not None and self._ids[slot] == request_id else None
+        return slot_of.get(request_id)
 
     def get(self, request_id: str) -> Prediction | None:
         """The prediction served under this id, or None for an id not (or no longer) in the index."""
@@ -273,8 +275,7 @@ class RecentPredictions:
 
     def __len__(self) -> int:
         """Distinct ids the index answers for."""
-        slot_of = self._index()
-        return sum(1 for rid, s in slot_of.items() if self._ids[s] == rid)
+        return len(self._index())
 
 
 @dataclass
