@@ -60,14 +60,14 @@ CREATE TABLE IF NOT EXISTS live (
 # every process writing the file agrees): the size gauge reads a few rows, not a SUM over up to
 # hundreds of thousands of samples every TICK_S.
 SAMPLE_BYTES = (
-    "CREATE TABLE sample_bytes (model TEXT NOT NULL, version TEXT NOT NULL, bytes INTEGER NOT NULL, "
-    "PRIMARY KEY (model, version))",
+    ("CREATE TABLE sample_bytes (model TEXT NOT NULL, version TEXT NOT NULL, bytes INTEGER NOT NULL, "
+     "PRIMARY KEY (model, version))"),
     "INSERT INTO sample_bytes SELECT model, version, SUM(bytes) FROM samples GROUP BY model, version",
-    "CREATE TRIGGER sample_bytes_insert AFTER INSERT ON samples BEGIN "
-    "INSERT INTO sample_bytes (model, version, bytes) VALUES (NEW.model, NEW.version, NEW.bytes) "
-    "ON CONFLICT (model, version) DO UPDATE SET bytes = bytes + excluded.bytes; END",
-    "CREATE TRIGGER sample_bytes_delete AFTER DELETE ON samples BEGIN "
-    "UPDATE sample_bytes SET bytes = bytes - OLD.bytes WHERE model = OLD.model AND version = OLD.version; END",
+    ("CREATE TRIGGER sample_bytes_insert AFTER INSERT ON samples BEGIN "
+     "INSERT INTO sample_bytes (model, version, bytes) VALUES (NEW.model, NEW.version, NEW.bytes) "
+     "ON CONFLICT (model, version) DO UPDATE SET bytes = bytes + excluded.bytes; END"),
+    ("CREATE TRIGGER sample_bytes_delete AFTER DELETE ON samples BEGIN "
+     "UPDATE sample_bytes SET bytes = bytes - OLD.bytes WHERE model = OLD.model AND version = OLD.version; END"),
 )
 
 
