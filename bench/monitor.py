@@ -5,10 +5,18 @@ every request.
     python -m bench.monitor                   # digits-cnn, JSON and binary, c=32, 3 interleaved rounds of 4 s
     python -m bench.monitor --models mlp --seconds 8
     python -m bench.monitor --no-http         # only the in-process cost of the hand-off and the worker
+    python -m bench.monitor --paired          # two servers on one core at once: off vs the default rate
 
 It runs bench.http (wrk, server pinned to core 0, the variants interleaved round by round) with
 one Kiln per setting and prints each setting's req/s and p99 against monitoring off. Target: at
 most 3% fewer req/s at the default rate (docs/monitoring.md).
+
+On a VM whose speed drifts from second to second, rounds run one after the other differ by more
+than the target. `--paired` runs two servers AT THE SAME TIME on the same core (core 0), each under
+its own wrk (c/2 connections) on core 1: the host's noise hits both at once and the scheduler splits
+the core between them, so their req/s ratio in a round is the inverse of their CPU cost per
+request. `--paired-a KILN_MONITOR_ENABLED=false --paired-b KILN_MONITOR_ENABLED=false` (A/A) shows
+the method's own spread.
 """
 
 from __future__ import annotations
@@ -144,6 +152,45 @@ def index_cost(capacity: int = 100_000) -> dict:
             "first_read_ms": first_read_ms}
 
 
+def paired(fmt: str, a: str, b: str, rounds: int, seconds: float, conns: int, model: str = "digits-cnn") -> float:
+    """Median over rounds of req/s(b) / req/s(a), the two servers sharing one core at the same time."""
+    import statistics
+    import threading
+
+    def env(setting: str) -> dict[str, str] | None:
+        return dict([setting.split("=", 1)]) if "=" in setting else None
+
+    servers = [http.start_kiln([model], env=env(a)), http.start_kiln([model], env=env(b))]
+    body, path = http.bodies(model)[fmt], f"/v2/models/{model}/infer"
+    ratios = []
+    try:
+        for srv in servers:
+            http.wrk(srv.url, path, body, conns, 1)  # warm-up
+        for r in range(rounds):
+            res: list[dict] = [{}, {}]
+
+            def drive(i: int, out: list[dict] = res) -> None:
+                out[i] = http.wrk(servers[i].url, path, body, conns, seconds)
+
+            threads = [threading.Thread(target=drive, args=(i,)) for i in (0, 1)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            rps = [x["requests"] / (x["duration_us"] / 1e6) for x in res]
+            errors = [x["status"] + x["read"] + x["write"] + x["connect"] + x["timeout"] for x in res]
+            ratios.append(rps[1] / rps[0])
+            print(f"  round {r}: {a} {rps[0]:,.0f} req/s | {b} {rps[1]:,.0f} req/s | ratio {ratios[-1]:.3f} | "
+                  f"errors {errors}", flush=True)
+    finally:
+        for srv in servers:
+            srv.stop()
+    med = statistics.median(ratios)
+    print(f"| {model} | {fmt} | {b} vs {a} | {100 * (med - 1):+.1f}% | {min(ratios):.3f}–{max(ratios):.3f} | {rounds} |",
+          flush=True)
+    return med
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="digits-cnn")
@@ -153,7 +200,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(WORK / "monitor.json"))
     ap.add_argument("--no-http", action="store_true", help="only the in-process figures")
+    ap.add_argument("--paired", action="store_true", help="two servers on one core at once (see above)")
+    ap.add_argument("--paired-a", default=OFF, help="--paired: the baseline server's setting")
+    ap.add_argument("--paired-b", default="default", help="--paired: the compared server's setting "
+                    "(ENV=VALUE, or 'default')")
     args = ap.parse_args(argv)
+    if args.paired:
+        conns = max(1, int(args.concurrency.split(",")[0]) // 2)
+        print(f"paired: {args.rounds} rounds of {args.seconds:g} s, {conns} connections per server, "
+              "both servers on core 0 at once\n")
+        print("| model | body | setting | req/s vs baseline (median round) | round ratios | rounds |\n|---|---|---|---|---|---|")
+        for fmt in args.formats.split(","):
+            paired(fmt, args.paired_a, args.paired_b, args.rounds, args.seconds, conns, args.models.split(",")[0])
+        return 0
     print("in-process (20,000 requests handed to the monitor back to back):")
     in_process()
     if args.no_http:
