@@ -232,15 +232,11 @@ def test_layouts_with_built_artifacts(tmp_path):
         resolve_model_dir(ir, "x", tmp_path)
 
 
-def test_serve_an_openvino_ir_with_its_source_from_the_runtimes_args(tmp_path):
-    """An OVMS-style bucket (a bare IR plus the ONNX it came from): served as the artifact and
-    verified against the source, over HTTP and gRPC."""
-    mnt = tmp_path / "mnt" / "models"
-    _digits_ir(mnt, "resnetish")
-    shutil.copy(DEFAULT_REPO / "digits-cnn" / "1" / "model.onnx", mnt / "resnetish.onnx")
-    (mnt / "config.yaml").write_text("backend: openvino\n")  # with a source beside it the default is onnxruntime
+def serve_with_runtime_args(mnt: Path, name: str, tmp_path: Path) -> Server:
+    """`kiln serve` with the runtime's args verbatim, but for what KServe substitutes ({{.Name}}),
+    the mount point and the two ports (this machine is shared: 8080 and 9000 may be taken); ready."""
     http_port, grpc_port = free_port(), free_port()
-    args = [a.replace("{{.Name}}", "ir-isvc").replace("/mnt/models", str(mnt))
+    args = [a.replace("{{.Name}}", name).replace("/mnt/models", str(mnt))
             .replace("=8080", f"={http_port}").replace("=9000", f"={grpc_port}") for a in runtime_args()]
     log_path = tmp_path / "kiln.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "KILN_CACHE_DIR": str(tmp_path / "cache")}
@@ -250,6 +246,21 @@ def test_serve_an_openvino_ir_with_its_source_from_the_runtimes_args(tmp_path):
     srv = Server(proc, http_port, log_path, tmp_path / "cache", mnt, args, grpc_port)
     try:
         srv.wait_ready()
+    except BaseException:
+        srv.stop()
+        raise
+    return srv
+
+
+def test_serve_an_openvino_ir_with_its_source_from_the_runtimes_args(tmp_path):
+    """An OVMS-style bucket (a bare IR plus the ONNX it came from): served as the artifact and
+    verified against the source, over HTTP and gRPC."""
+    mnt = tmp_path / "mnt" / "models"
+    _digits_ir(mnt, "resnetish")
+    shutil.copy(DEFAULT_REPO / "digits-cnn" / "1" / "model.onnx", mnt / "resnetish.onnx")
+    (mnt / "config.yaml").write_text("backend: openvino\n")  # with a source beside it the default is onnxruntime
+    srv = serve_with_runtime_args(mnt, "ir-isvc", tmp_path)
+    try:
         hc = httpclient.InferenceServerClient(srv.address)
         p = hc.get_model_metadata("ir-isvc")["parameters"]
         assert p["backend"] == "openvino" and p["cache"] == "artifact" and p["parity_passed"] is True, p
@@ -272,19 +283,8 @@ def test_serve_an_openvino_ir_with_its_source_from_the_runtimes_args(tmp_path):
 def test_serve_with_the_runtimes_args_on_a_storage_initializer_layout(tmp_path):
     mnt = tmp_path / "mnt" / "models"
     _digits_files(mnt)
-    http_port, grpc_port = free_port(), free_port()
-    # The runtime's args verbatim, but for what KServe substitutes ({{.Name}}), the mount point and the
-    # two ports (this machine is shared: 8080 and 9000 may be taken).
-    args = [a.replace("{{.Name}}", "digits-isvc").replace("/mnt/models", str(mnt))
-            .replace("=8080", f"={http_port}").replace("=9000", f"={grpc_port}") for a in runtime_args()]
-    log_path = tmp_path / "kiln.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "KILN_CACHE_DIR": str(tmp_path / "cache")}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", *args], stdout=log,
-                                stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-    srv = Server(proc, http_port, log_path, tmp_path / "cache", mnt, args, grpc_port)
+    srv = serve_with_runtime_args(mnt, "digits-isvc", tmp_path)
     try:
-        srv.wait_ready()
         x = np.load(mnt / "data" / "eval.npz")["input"][:8]
         hc = httpclient.InferenceServerClient(srv.address)
         hin = httpclient.InferInput("input", list(x.shape), "FP32")
