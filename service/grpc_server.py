@@ -237,11 +237,6 @@ def _http_path(rpc: str, model: str = "") -> str:
     return f"/v2/models/{model}"
 
 
-def _metadata_headers(context: grpc_wire.Call) -> list[tuple[bytes, bytes]]:
-    """The call's request headers (HTTP/2 lower-cases their names) as the guard reads HTTP's."""
-    return context.headers
-
-
 class InferenceService:
     """One async method per RPC of inference.GRPCInferenceService (the method table is built from
     the generated descriptor, service/grpc_wire.py MethodTable)."""
@@ -255,7 +250,7 @@ class InferenceService:
     async def _guarded(self, context, rpc: str, model: str, call: Callable[[], Awaitable[Any]]) -> Any:
         """Request id, admission (drain, in-flight bound, auth), error → status, log line; then `call`."""
         start = time.perf_counter()
-        ctx, auth = self.guard.context(_metadata_headers(context))
+        ctx, auth = self.guard.context(context.headers)
         token = REQUEST.set(ctx)
         path = _http_path(rpc, model)
         error: RpcError | None = None
@@ -373,7 +368,7 @@ class InferenceService:
         is admitted on its own, with the stream's metadata."""
         lock = asyncio.Lock()
         tasks: set[asyncio.Task] = set()
-        headers = _metadata_headers(context)
+        headers = context.headers
 
         async def one(request: pb.ModelInferRequest) -> None:
             start = time.perf_counter()

@@ -30,13 +30,13 @@ generated messages and as the client in tests and benches. What it does:
 
 Dispatch is by `:path` through a method table built from the services' generated descriptors
 (`MethodTable`); a handler gets the request message (or an async iterator of them) and a `Call`,
-this module's context: invocation_metadata, time_remaining, set_trailing_metadata, abort, write, peer.
+this module's context: headers (the request's, as the guard reads HTTP's), time_remaining,
+set_trailing_metadata, abort, write.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import logging
 import ssl
@@ -239,17 +239,7 @@ class Call:
         self.encoding: bytes | None = None
         self.count = 0                       # messages received
 
-    # -- the handler's context (what grpc.aio's ServicerContext gave Kiln's servicers) -----------
-    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
-        out = []
-        for k, v in self.headers:
-            if k[:1] == b":" or k in (b"content-type", b"te", b"grpc-timeout", b"grpc-encoding",
-                                      b"grpc-accept-encoding"):
-                continue
-            key = k.decode("latin-1")
-            out.append((key, base64.b64decode(v + b"==") if key.endswith("-bin") else v.decode("latin-1")))
-        return tuple(out)
-
+    # -- the handler's context (what Kiln's servicers used of grpc.aio's ServicerContext) ---------
     def time_remaining(self) -> float | None:
         return None if self.deadline is None else max(0.0, self.deadline - self.conn.loop.time())
 
@@ -258,12 +248,6 @@ class Call:
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
         raise RpcAbort(code, details)
-
-    def peer(self) -> str:
-        addr = self.conn.transport.get_extra_info("peername") if self.conn.transport else None
-        if not addr:
-            return "unknown"
-        return f"ipv6:[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"ipv4:{addr[0]}:{addr[1]}"
 
     async def write(self, message) -> None:
         """Send one response message; waits while the peer's window or the socket is full."""
@@ -673,19 +657,19 @@ class GrpcConnection(asyncio.Protocol):
             return self._header_block(sid, flags, fragment)
         self.block_sid, self.block_flags, self.block_since = sid, flags, self.loop.time()
         self.block = bytearray(fragment)
-        self._check_block_size()
+        self._check_block_size(len(self.block))
 
     def _on_continuation(self, flags: int, sid: int, payload) -> None:
         if not self.block_sid or sid != self.block_sid:
             raise _ConnectionError(PROTOCOL_ERROR, "CONTINUATION without a header block to continue")
         self.block += payload
-        self._check_block_size()
+        self._check_block_size(len(self.block))
         if flags & END_HEADERS:
             block, self.block, self.block_sid = bytes(self.block), bytearray(), 0
             self._header_block(sid, self.block_flags, block)
 
-    def _check_block_size(self) -> None:
-        if len(self.block) > self.limits.max_header_bytes:
+    def _check_block_size(self, size: int) -> None:
+        if size > self.limits.max_header_bytes:
             raise _ConnectionError(ENHANCE_YOUR_CALM, f"header block over {self.limits.max_header_bytes} bytes "
                                                       f"(KILN_MAX_HEADER_BYTES)")
 
@@ -695,9 +679,7 @@ class GrpcConnection(asyncio.Protocol):
         headers = self.hcache.get(block)
         if headers is not None:
             return headers
-        if len(block) > self.limits.max_header_bytes:
-            raise _ConnectionError(ENHANCE_YOUR_CALM, f"header block over {self.limits.max_header_bytes} bytes "
-                                                      f"(KILN_MAX_HEADER_BYTES)")
+        self._check_block_size(len(block))
         table = self.decoder.header_table
         entries = table.dynamic_entries
         first = entries[0] if entries else None
@@ -768,7 +750,7 @@ class GrpcConnection(asyncio.Protocol):
         call.method = method
         if method.client_streaming:
             call.messages = collections.deque()
-            call.task = self.loop.create_task(self._run_streaming(call, method))
+            call.task = self.loop.create_task(self._run(call, method, self._stream_in, call, method))
         if flags & END_STREAM:
             self._end_of_input(call)
 
@@ -886,9 +868,9 @@ class GrpcConnection(asyncio.Protocol):
         elif call.count > 1:
             self.finish(call, grpc.StatusCode.UNIMPLEMENTED, f"{method.name} takes one request message, got more")
         elif method.server_streaming:
-            call.task = self.loop.create_task(self._run_server_streaming(call, method, request))
+            call.task = self.loop.create_task(self._run(call, method, self._stream_out, call, method, request))
         else:
-            call.task = self.loop.create_task(self._run_unary(call, method, request))
+            call.task = self.loop.create_task(self._run(call, method, method.handler, request, call))
 
     def _end_of_input(self, call: Call) -> None:
         call.remote_closed = True
@@ -907,9 +889,11 @@ class GrpcConnection(asyncio.Protocol):
             self.finish(call, grpc.StatusCode.INTERNAL, f"{method.name}: the stream ended without a request message")
 
     # -- running handlers --------------------------------------------------------------------------
-    async def _run_unary(self, call: Call, method: Method, request) -> None:
+    async def _run(self, call: Call, method: Method, handler: Callable, *args) -> None:
+        """Run a handler to the call's status: a message it returns is the unary reply (else OK once
+        it has written its own), an abort its status, a cancel or a bug their statuses."""
         try:
-            reply = await method.handler(request, call)
+            reply = await handler(*args)
         except RpcAbort as err:
             return self.finish(call, err.code, err.message, call.trailing)
         except asyncio.CancelledError:
@@ -917,34 +901,23 @@ class GrpcConnection(asyncio.Protocol):
         except Exception as exc:  # a handler bug still answers
             log.exception("gRPC %s failed", method.name)
             return self.finish(call, grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-        self.reply(call, reply.SerializeToString())
+        if reply is not None:
+            self.reply(call, reply.SerializeToString())
+        else:
+            self.finish(call, grpc.StatusCode.OK, "", call.trailing)
 
-    async def _run_server_streaming(self, call: Call, method: Method, request) -> None:
-        try:
-            async for reply in method.handler(request, call):
-                await call.write(reply)
-        except RpcAbort as err:
-            return self.finish(call, err.code, err.message, call.trailing)
-        except asyncio.CancelledError:
-            return self._cancelled(call)
-        except Exception as exc:
-            log.exception("gRPC %s failed", method.name)
-            return self.finish(call, grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-        self.finish(call, grpc.StatusCode.OK, "", call.trailing)
+    @staticmethod
+    async def _stream_out(call: Call, method: Method, request) -> None:
+        """Server streaming: each message the handler yields, written as the windows allow."""
+        async for reply in method.handler(request, call):
+            await call.write(reply)
 
-    async def _run_streaming(self, call: Call, method: Method) -> None:
-        try:
-            result = await method.handler(call, call)
-            if result is not None:
-                await call.write(result)
-        except RpcAbort as err:
-            return self.finish(call, err.code, err.message, call.trailing)
-        except asyncio.CancelledError:
-            return self._cancelled(call)
-        except Exception as exc:
-            log.exception("gRPC %s failed", method.name)
-            return self.finish(call, grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-        self.finish(call, grpc.StatusCode.OK, "", call.trailing)
+    @staticmethod
+    async def _stream_in(call: Call, method: Method) -> None:
+        """Client (and bidi) streaming: the handler reads the call; a message it returns is written last."""
+        result = await method.handler(call, call)
+        if result is not None:
+            await call.write(result)
 
     def _cancelled(self, call: Call) -> None:
         """The handler was cancelled: the deadline passed (answered in `_deadline`), the client
