@@ -232,8 +232,7 @@ class ModelRepository:
                     if v not in serving:
                         self.failed_successors.pop((name, v), None)
                 self.models[name] = serving
-            kept = set(map(id, serving.values()))
-            self._drain_close_all(mv for mv in replaced.values() if id(mv) not in kept and mv not in versions)
+            self._drain_close_all(mv for mv in replaced.values() if all(mv is not s for s in serving.values()))
             for mv in failed_new:  # closing a build drops its version's series: the old build publishes again
                 mv.close()
                 self._republish(name, mv.version)

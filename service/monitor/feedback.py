@@ -243,19 +243,16 @@ class RecentPredictions:
             self._kept = True
         return self._slots
 
-    def _slot(self, slot_of: dict[str, int], request_id: str) -> int | None:
-        return slot_of.get(request_id)
-
     def get(self, request_id: str) -> Prediction | None:
         """The prediction served under this id, or None for an id not (or no longer) in the index."""
-        slot = self._slot(self._index(), request_id)
+        slot = self._index().get(request_id)
         return None if slot is None else self._prediction(slot)
 
     def lookup(self, request_ids: list[str]) -> list[Prediction | None]:
         """get() of many ids at once: a snapshot, so the join can run in another thread while the
         event loop keeps writing."""
         slot_of = self._index()
-        return [None if (s := self._slot(slot_of, rid)) is None else self._prediction(s) for rid in request_ids]
+        return [None if (s := slot_of.get(rid)) is None else self._prediction(s) for rid in request_ids]
 
     def _prediction(self, slot: int) -> Prediction:
         own = self._own[slot]
@@ -269,7 +266,7 @@ class RecentPredictions:
         return Prediction(rows, classes, values, float(self._when[slot]), bool(self._labelled[slot]))
 
     def mark_labelled(self, request_id: str) -> None:
-        slot = self._slot(self._index(), request_id)
+        slot = self._index().get(request_id)
         if slot is not None:
             self._labelled[slot] = True
 
