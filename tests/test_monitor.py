@@ -384,16 +384,19 @@ def test_export_feeds_quantize_and_the_int8_model_passes_its_gates(env, data):
     assert r.status_code == 200 and r.json()["joined"] == len(kept)
     out = env["tmp"] / "traffic.npz"
     deadline = time.monotonic() + 30
-    while True:  # the labels reach the store through the worker
+    while True:  # samples and labels reach the store through the worker (samples: one write a second)
         proc = subprocess.run([sys.executable, "-m", "service.cli", "monitor", "export", "digits-cnn", "--labelled",
                                "--out", str(out), "--store", str(env["store"])], capture_output=True, text=True,
                               cwd=ROOT, timeout=120, check=False)
-        if proc.returncode == 0 or time.monotonic() > deadline:
+        if proc.returncode == 0:
+            with np.load(out) as f:
+                exported = {k: f[k] for k in f.files}
+            if len(exported["input"]) >= 32:
+                break
+        if time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    with np.load(out) as f:
-        exported = {k: f[k] for k in f.files}
     assert set(exported) == {"input", "output.logits", "label"}
     n = len(exported["input"])
     assert n >= 32 and exported["label"].shape == (n,) and exported["output.logits"].shape == (n, 10)
