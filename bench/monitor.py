@@ -152,17 +152,21 @@ def index_cost(capacity: int = 100_000) -> dict:
             "first_read_ms": first_read_ms}
 
 
-def paired(fmt: str, a: str, b: str, rounds: int, seconds: float, conns: int, model: str = "digits-cnn") -> float:
-    """Median over rounds of req/s(b) / req/s(a), the two servers sharing one core at the same time."""
-    import statistics
+def paired(fmt: str, a: str, b: str, rounds: int, seconds: float, conns: int, model: str = "digits-cnn") -> dict:
+    """Two servers on one core at the same time, each under its own wrk. Per round, two estimates of
+    what b costs next to a: the ratio of their req/s, and the ratio of their server CPU time per
+    request (every thread, from the scheduler): the second does not depend on how the scheduler
+    split the core between them. Which wrk starts first alternates round by round. Returns the
+    geometric mean of each ratio over the rounds with its 95% confidence interval (Student t)."""
     import threading
 
     def env(setting: str) -> dict[str, str] | None:
         return dict([setting.split("=", 1)]) if "=" in setting else None
 
     servers = [http.start_kiln([model], env=env(a)), http.start_kiln([model], env=env(b))]
+    pids = [http.all_pids(s.proc.pid) for s in servers]
     body, path = http.bodies(model)[fmt], f"/v2/models/{model}/infer"
-    ratios = []
+    rps_ratios, cpu_ratios = [], []
     try:
         for srv in servers:
             http.wrk(srv.url, path, body, conns, 1)  # warm-up
@@ -172,23 +176,44 @@ def paired(fmt: str, a: str, b: str, rounds: int, seconds: float, conns: int, mo
             def drive(i: int, out: list[dict] = res) -> None:
                 out[i] = http.wrk(servers[i].url, path, body, conns, seconds)
 
-            threads = [threading.Thread(target=drive, args=(i,)) for i in (0, 1)]
+            order = (0, 1) if r % 2 == 0 else (1, 0)
+            cpu0 = [sum(http.cpu_seconds(p) for p in ps) for ps in pids]
+            threads = [threading.Thread(target=drive, args=(i,)) for i in order]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
+            cpu = [sum(http.cpu_seconds(p) for p in ps) - c for ps, c in zip(pids, cpu0)]
             rps = [x["requests"] / (x["duration_us"] / 1e6) for x in res]
+            per_request = [c / max(1, x["requests"]) * 1e6 for c, x in zip(cpu, res)]
             errors = [x["status"] + x["read"] + x["write"] + x["connect"] + x["timeout"] for x in res]
-            ratios.append(rps[1] / rps[0])
-            print(f"  round {r}: {a} {rps[0]:,.0f} req/s | {b} {rps[1]:,.0f} req/s | ratio {ratios[-1]:.3f} | "
-                  f"errors {errors}", flush=True)
+            rps_ratios.append(rps[1] / rps[0])
+            cpu_ratios.append(per_request[0] / per_request[1])  # > 1: b is cheaper
+            print(f"  round {r}: {a} {rps[0]:,.0f} req/s {per_request[0]:.1f} µs CPU/req | {b} {rps[1]:,.0f} req/s "
+                  f"{per_request[1]:.1f} µs CPU/req | ratios {rps_ratios[-1]:.3f} (req/s) {cpu_ratios[-1]:.3f} "
+                  f"(CPU) | errors {errors}", flush=True)
     finally:
         for srv in servers:
             srv.stop()
-    med = statistics.median(ratios)
-    print(f"| {model} | {fmt} | {b} vs {a} | {100 * (med - 1):+.1f}% | {min(ratios):.3f}–{max(ratios):.3f} | {rounds} |",
-          flush=True)
-    return med
+    out = {"model": model, "format": fmt, "a": a, "b": b, "rounds": rounds,
+           "rps": mean_ci(rps_ratios), "cpu": mean_ci(cpu_ratios)}
+    print(f"| {model} | {fmt} | {b} vs {a} | {_pct(out['rps'])} | {_pct(out['cpu'])} | {rounds} |", flush=True)
+    return out
+
+
+def mean_ci(ratios: list[float]) -> tuple[float, float, float]:
+    """Geometric mean of ratios and its 95% confidence interval (t on the logs)."""
+    import numpy as np
+    from scipy import stats
+
+    logs = np.log(ratios)
+    mean = float(logs.mean())
+    half = float(stats.t.ppf(0.975, len(logs) - 1) * logs.std(ddof=1) / np.sqrt(len(logs))) if len(logs) > 1 else 0.0
+    return float(np.exp(mean)), float(np.exp(mean - half)), float(np.exp(mean + half))
+
+
+def _pct(m: tuple[float, float, float]) -> str:
+    return f"{100 * (m[0] - 1):+.1f}% [{100 * (m[1] - 1):+.1f}, {100 * (m[2] - 1):+.1f}]"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,9 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         conns = max(1, int(args.concurrency.split(",")[0]) // 2)
         print(f"paired: {args.rounds} rounds of {args.seconds:g} s, {conns} connections per server, "
               "both servers on core 0 at once\n")
-        print("| model | body | setting | req/s vs baseline (median round) | round ratios | rounds |\n|---|---|---|---|---|---|")
-        for fmt in args.formats.split(","):
-            paired(fmt, args.paired_a, args.paired_b, args.rounds, args.seconds, conns, args.models.split(",")[0])
+        print("| model | body | setting | req/s vs baseline [95% CI] | CPU per request, baseline's / its [95% CI] "
+              "| rounds |\n|---|---|---|---|---|---|")
+        out = [paired(fmt, args.paired_a, args.paired_b, args.rounds, args.seconds, conns, args.models.split(",")[0])
+               for fmt in args.formats.split(",")]
+        Path(args.out).write_text(json.dumps({"paired": out}, indent=1))
         return 0
     print("in-process (20,000 requests handed to the monitor back to back):")
     in_process()
