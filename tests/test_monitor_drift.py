@@ -299,3 +299,56 @@ def test_the_capture_countdown_picks_requests_at_the_sample_rate():
     assert ModelMonitor.capture_gap(SimpleNamespace(sample_rate=1.0, enabled=True, _random=draw)) == 1
     assert ModelMonitor.capture_gap(SimpleNamespace(sample_rate=0.0, enabled=True, _random=draw)) == float("inf")
     assert ModelMonitor.capture_gap(SimpleNamespace(sample_rate=0.5, enabled=False, _random=draw)) == float("inf")
+
+
+def test_npy_blobs_are_the_bytes_np_save_writes():
+    """to_npy builds the header once per dtype and shape; the blob must stay what np.save writes."""
+    import io
+
+    from service.monitor.store import from_npy, to_npy
+
+    rng = np.random.default_rng(7)
+    arrays = [rng.random((1, 1, 8, 8), dtype=np.float32), rng.integers(-9, 9, (3, 5)).astype(">i4"),
+              np.zeros((0, 4), np.float16), np.array(3.5), np.arange(6, dtype=np.uint8).reshape(2, 3).T,
+              np.ones((2, 2), bool), rng.random((4, 300)).astype(np.float64)[:, ::3]]
+    for arr in arrays:
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+        assert to_npy(arr) == buf.getvalue(), (arr.dtype, arr.shape)
+        back = from_npy(to_npy(arr))  # as stored since the first version: ascontiguousarray (ndim >= 1)
+        assert back.dtype == arr.dtype and np.array_equal(back, np.ascontiguousarray(arr))
+
+
+def test_drift_history_is_written_with_the_samples_and_trimmed_to_its_limit(tmp_path):
+    """Drift rows go into the samples' transaction (or alone); the table is counted every
+    TRIM_EVERY of its limit, not at every row, and still ends at its limit, newest rows kept."""
+    from service.monitor.store import TRIM_EVERY, CaptureStore, DriftRow, Sample
+
+    store = CaptureStore(tmp_path, 64 << 20)
+    store.history_rows = 200
+    assert 25 >= store.history_rows * TRIM_EVERY  # so every write below is followed by a count
+    x = np.zeros((1, 4), np.float32)
+    for k in range(30):  # 750 evaluations for a limit of 200
+        rows = [DriftRow("m", "1", float(k * 25 + i), 250, i % 2 == 0, 0.5, 0.1, 0.01, {"seen": k * 25 + i})
+                for i in range(25)]
+        if k % 2:
+            store.insert([Sample("m", "1", f"r{k}", 0.0, 0.0, {"x": x}, {"y": x})], rows)
+        else:
+            store.add_drift(rows)
+    history = store.drift_history("m")
+    assert [h["detail"]["seen"] for h in history] == list(range(550, 750))
+    assert [h["detected"] for h in history[:4]] == [1, 0, 1, 0]
+    assert len(list(store.samples("m"))) == 15
+    store.close()
+
+
+def test_the_class_chi_square_equals_scipys_chi2_contingency():
+    from service.monitor.drift import chi2_homogeneity
+
+    rng = np.random.default_rng(8)
+    for k in (2, 3, 10, 2, 2):  # k = 2: one degree of freedom, where SciPy applies Yates' correction
+        table = rng.integers(1, 60, (2, k))
+        chi2, p, _, _ = stats.chi2_contingency(table)
+        assert chi2_homogeneity(table) == (pytest.approx(chi2, rel=1e-12), pytest.approx(p, rel=1e-9, abs=1e-300))
+    table = np.array([[3, 4], [3, 5]])  # |observed - expected| under 0.5: Yates moves it to 0, not past it
+    assert chi2_homogeneity(table) == pytest.approx(stats.chi2_contingency(table)[:2])

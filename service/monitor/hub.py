@@ -36,7 +36,7 @@ from ..logs import request_id as new_request_id
 from . import feedback as fb
 from . import metrics as mm_metrics
 from .drift import DriftDetector, DriftResult, feature_index
-from .store import CaptureStore, Sample
+from .store import CaptureStore, DriftRow, Sample
 
 log = logging.getLogger("kiln.monitor")
 
@@ -85,6 +85,7 @@ class ModelMonitor:
         if not self.features:
             self.drift_rate = 0.0
         self.detector: DriftDetector | None = None
+        self._feature_gauges: list[tuple[Any, Any, Any]] | None = None
         # Rows the detector can use: one window per evaluation interval. Beyond that, rows would
         # only cost CPU, so busy models feed it a sample (the first `window` rows of each interval).
         self.drift_interval = dcfg.min_interval_s
@@ -180,8 +181,9 @@ class ModelMonitor:
         log.info("model %s v%s: drift against %s (%d reference rows, %d features)", self.name, self.version, path,
                  len(rows), len(names))
 
-    def feed_drift(self, rows: np.ndarray, outputs: list[np.ndarray | None], store: CaptureStore | None) -> None:
-        """Rows of several requests, with each request's output (for the predicted classes)."""
+    def feed_drift(self, rows: np.ndarray, outputs: list[np.ndarray | None], history: list[DriftRow]) -> None:
+        """Rows of several requests, with each request's output (for the predicted classes); each
+        evaluation that fell due is published and appended to `history` (written with the samples)."""
         if self._drift_state == "new":
             self._init_drift()
         if self._drift_state != "on":
@@ -194,15 +196,26 @@ class ModelMonitor:
                 classes = np.concatenate([o.reshape(o.shape[0] if o.ndim > 1 else 1, -1).argmax(axis=1)
                                           for o in outputs])
         for result in self.detector.add(rows, classes):
-            self._publish(result, store)
+            self._publish(result, history)
 
-    def _publish(self, r: DriftResult, store: CaptureStore | None) -> None:
+    def _gauges(self, features: list[str]) -> list[tuple[Any, Any, Any]]:
+        """The (ks, psi, p-value) gauge children of each feature, looked up once: an evaluation
+        sets about three per feature, and a lookup by labels costs more than the set."""
+        if self._feature_gauges is None:
+            m, v = self.name, self.version
+            self._feature_gauges = [(mm_metrics.DRIFT_STATISTIC.labels(m, v, f, "ks"),
+                                     mm_metrics.DRIFT_STATISTIC.labels(m, v, f, "psi"),
+                                     mm_metrics.DRIFT_P_VALUE.labels(m, v, f, "ks")) for f in features]
+        return self._feature_gauges
+
+    def _publish(self, r: DriftResult, history: list[DriftRow]) -> None:
         m, v = self.name, self.version
-        for j, feature in enumerate(r.features):
-            mm_metrics.DRIFT_STATISTIC.labels(m, v, feature, "ks").set(r.ks[j])
-            mm_metrics.DRIFT_STATISTIC.labels(m, v, feature, "psi").set(r.psi[j])
-            if r.fresh is None or r.fresh[j]:
-                mm_metrics.DRIFT_P_VALUE.labels(m, v, feature, "ks").set(r.p_values[j])
+        fresh = r.fresh
+        for j, (ks, ps, pv) in enumerate(self._gauges(r.features)):
+            ks.set(r.ks[j])
+            ps.set(r.psi[j])
+            if fresh is None or fresh[j]:
+                pv.set(r.p_values[j])
         if r.class_p_value is not None:
             mm_metrics.DRIFT_STATISTIC.labels(m, v, PREDICTED_CLASS, "chi2").set(r.class_chi2)
             mm_metrics.DRIFT_STATISTIC.labels(m, v, PREDICTED_CLASS, "psi").set(r.class_psi)
@@ -215,9 +228,8 @@ class ModelMonitor:
                             ", ".join(r.drifted[:8]) or PREDICTED_CLASS, "…" if len(r.drifted) > 8 else "")
             else:
                 log.info("model %s v%s: no drift over the last %d rows", m, v, r.rows)
-        if store is not None:
-            store.add_drift(m, v, time.time(), r.rows, r.detected, float(r.p_values.min()), float(r.ks.max()),
-                            float(r.psi.max()), r.summary())
+        history.append(DriftRow(m, v, time.time(), r.rows, r.detected, float(r.p_values.min()), float(r.ks.max()),
+                                float(r.psi.max()), r.summary()))
 
 
 class Monitor:
@@ -238,6 +250,7 @@ class Monitor:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._pending: list = []  # (ModelMonitor, Sample) waiting for the next write
+        self._history: list[DriftRow] = []  # drift evaluations waiting for the next write
         self._last_write = 0.0
         if not self.enabled:
             return
@@ -375,7 +388,7 @@ class Monitor:
                 self._wake.wait(IDLE_S)
                 self._wake.clear()
             now = time.monotonic()
-            if self._pending and now - self._last_write >= WRITE_S:
+            if (self._pending or self._history) and now - self._last_write >= WRITE_S:
                 self._write_pending()
             if now - last_tick >= TICK_S:
                 last_tick = now
@@ -402,7 +415,7 @@ class Monitor:
                                                 {k: np.array(v) for k, v in outputs.items()})))
         for mon, (rows, outs) in drift.items():  # one detector call per model and batch of requests
             try:
-                mon.feed_drift(np.concatenate(rows), outs, self.store)
+                mon.feed_drift(np.concatenate(rows), outs, self._history)
             except Exception:
                 log.exception("monitor: drift of %s v%s failed", mon.name, mon.version)
         self._pending += samples
@@ -411,11 +424,12 @@ class Monitor:
 
     def _write_pending(self) -> None:
         samples, self._pending = self._pending, []
+        history, self._history = self._history, []
         self._last_write = time.monotonic()
-        if not samples:
+        if not samples and not history:
             return
         try:
-            _, evicted, too_large = self.store.insert(s for _, s in samples)
+            _, evicted, too_large = self.store.insert((s for _, s in samples), history)
         except Exception:
             log.exception("monitor: writing %d captured sample(s) failed", len(samples))
             for mon, _ in samples:

@@ -21,16 +21,20 @@ import io
 import json
 import sqlite3
 import threading
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 FILENAME = "capture.sqlite"
 # History tables (drift, live) keep at most this many rows per model version.
 HISTORY_ROWS = 10_000
+# A history table is counted (and trimmed) after this share of its limit was written since.
+TRIM_EVERY = 0.05
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (
@@ -51,9 +55,11 @@ CREATE TABLE IF NOT EXISTS drift (
     id INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, version TEXT NOT NULL, time REAL NOT NULL,
     rows INTEGER NOT NULL, detected INTEGER NOT NULL, min_p_value REAL, max_ks REAL, max_psi REAL,
     detail TEXT NOT NULL DEFAULT '{}');
+CREATE INDEX IF NOT EXISTS drift_model ON drift (model, version, id);
 CREATE TABLE IF NOT EXISTS live (
     id INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, version TEXT NOT NULL, time REAL NOT NULL,
     metric TEXT NOT NULL, value REAL NOT NULL, n INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS live_model ON live (model, version, id);
 """
 
 # Tensor bytes per model version, kept by triggers in the same transactions as the samples (so
@@ -71,10 +77,22 @@ SAMPLE_BYTES = (
 )
 
 
-def to_npy(arr: np.ndarray) -> bytes:
+@lru_cache(maxsize=1024)
+def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
     return buf.getvalue()
+
+
+def to_npy(arr: np.ndarray) -> bytes:
+    """The bytes np.save writes (format 1.0), its header built once per dtype and shape: np.save
+    formats it again for every tensor, which was most of the cost of writing a sample."""
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype.hasobject:  # BYTES: np.save's own checks and error
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        return buf.getvalue()
+    return _npy_header(np.lib.format.dtype_to_descr(arr.dtype), arr.shape) + arr.tobytes()
 
 
 def from_npy(blob: bytes) -> np.ndarray:
@@ -107,6 +125,20 @@ class StoredSample:
     label: np.ndarray | None
 
 
+class DriftRow(NamedTuple):
+    """One drift evaluation, as the history keeps it (`kiln monitor report`)."""
+
+    model: str
+    version: str
+    time: float
+    rows: int
+    detected: bool
+    min_p_value: float
+    max_ks: float
+    max_psi: float
+    detail: dict[str, Any]
+
+
 class CaptureStore:
     """SQLite at `folder/capture.sqlite`, bounded: the file on disk stays under `max_bytes`.
     Writes come from one thread (the capture worker); readers (CLI, tests) may open the same file
@@ -118,6 +150,8 @@ class CaptureStore:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._backlog: list[tuple[str, str]] = []  # samples evicted by history writes, reported by insert()
+        self.history_rows = HISTORY_ROWS
+        self._unchecked: dict[tuple[str, str | None, str | None], int] = {}  # rows written since the last trim
         if readonly:
             if not self.path.exists():
                 raise FileNotFoundError(f"no capture store at {self.path}")
@@ -160,10 +194,11 @@ class CaptureStore:
         return {(m, v): int(b or 0) for m, v, b in rows}
 
     # -- writes (the capture worker) ------------------------------------------------------------
-    def insert(self, samples: Iterable[Sample]) -> tuple[int, list[tuple[str, str]], list[Sample]]:
+    def insert(self, samples: Iterable[Sample], drift: list[DriftRow] = ()) -> tuple[int, list[tuple[str, str]], list[Sample]]:
         """Write samples in transactions of at most a tenth of the cap each, the oldest samples
-        evicted before each one so that the files never pass the cap. Returns (rows written,
-        (model, version) of each evicted sample, samples too large to keep: over a quarter of the cap)."""
+        evicted before each one so that the files never pass the cap, and drift history rows in the
+        first of them (one commit for both). Returns (rows written, (model, version) of each evicted
+        sample, samples too large to keep: over a quarter of the cap)."""
         n, too_large = 0, []
         chunk: list[tuple[Sample, list[tuple[str, str, bytes]], int]] = []
         size = 0
@@ -179,16 +214,22 @@ class CaptureStore:
                 chunk.append((s, blobs, nbytes))
                 size += nbytes
                 if size >= self.max_bytes // 10:
-                    n += self._write(chunk, size, evicted)
-                    chunk, size = [], 0
-            if chunk:
-                n += self._write(chunk, size, evicted)
+                    n += self._write(chunk, size, evicted, drift)
+                    chunk, size, drift = [], 0, ()
+            if chunk or drift:
+                n += self._write(chunk, size, evicted, drift)
         return n, evicted, too_large
 
-    def _write(self, chunk, size: int, evicted: list[tuple[str, str]]) -> int:
-        evicted += self._evict(incoming=size)
+    def _write(self, chunk, size: int, evicted: list[tuple[str, str]], drift: list[DriftRow] = ()) -> int:
+        evicted += self._evict(incoming=size + 512 * len(drift))
         self.db.execute("BEGIN")
         try:
+            if drift:
+                self.db.executemany("INSERT INTO drift (model, version, time, rows, detected, min_p_value, max_ks, "
+                                    "max_psi, detail) VALUES (?,?,?,?,?,?,?,?,?)",
+                                    [(*r[:4], int(r.detected), *r[5:8], json.dumps(r.detail)) for r in drift])
+                for key, count in Counter((r.model, r.version) for r in drift).items():
+                    self._trim("drift", *key, written=count)
             for s, blobs, nbytes in chunk:
                 cur = self.db.execute(
                     "INSERT INTO samples (model, version, request_id, time, latency_s, bytes) VALUES (?,?,?,?,?,?)",
@@ -252,35 +293,47 @@ class CaptureStore:
         return removed > 0
 
     def add_labels(self, rows: Iterable[tuple[str, str, str, float, np.ndarray]]) -> None:
+        rows = list(rows)
         with self._lock:
             self.db.execute("BEGIN")
             # Only for samples still in the store: a label is kept to be exported with its sample.
             self.db.executemany("INSERT INTO labels (model, version, request_id, time, npy) SELECT ?,?,?,?,? "
                                 "WHERE EXISTS (SELECT 1 FROM samples WHERE request_id = ? AND model = ?)",
                                 [(m, v, rid, t, to_npy(label), rid, m) for m, v, rid, t, label in rows])
+            self._trim("labels", None, None, limit=200_000, written=len(rows))
             self.db.execute("COMMIT")
-            self._trim("labels", None, None, limit=200_000)
             self._backlog += self._evict(incoming=4096)
 
-    def add_drift(self, model: str, version: str, time: float, rows: int, detected: bool, min_p: float,
-                  max_ks: float, max_psi: float, detail: dict[str, Any]) -> None:
+    def add_drift(self, rows: list[DriftRow]) -> None:
+        """Drift history rows on their own (the worker writes them with its samples: insert)."""
         with self._lock:
-            self.db.execute("INSERT INTO drift (model, version, time, rows, detected, min_p_value, max_ks, max_psi, detail)"
-                            " VALUES (?,?,?,?,?,?,?,?,?)",
-                            (model, version, time, rows, int(detected), min_p, max_ks, max_psi, json.dumps(detail)))
-            self._trim("drift", model, version)
-            self._backlog += self._evict(incoming=4096)
+            evicted: list[tuple[str, str]] = []
+            self._write([], 0, evicted, rows)
+            self._backlog += evicted
 
     def add_live(self, model: str, version: str, time: float, metric: str, value: float, n: int) -> None:
         with self._lock:
+            self.db.execute("BEGIN")
             self.db.execute("INSERT INTO live (model, version, time, metric, value, n) VALUES (?,?,?,?,?,?)",
                             (model, version, time, metric, value, n))
-            self._trim("live", model, version)
+            self._trim("live", model, version, written=1)
+            self.db.execute("COMMIT")
 
-    def _trim(self, table: str, model: str | None, version: str | None, limit: int = HISTORY_ROWS) -> None:
+    def _trim(self, table: str, model: str | None, version: str | None, limit: int | None = None,
+              written: int = 1) -> None:
+        """Keep a history table at about `limit` rows (per model version; default history_rows):
+        counted only once TRIM_EVERY of the limit was written since the last count (by this
+        process; other workers writing the same file count their own), not at every row."""
+        limit = self.history_rows if limit is None else limit
+        key = (table, model, version)
+        unchecked = self._unchecked.get(key, limit) + written  # a first write counts at once
+        if unchecked < limit * TRIM_EVERY:
+            self._unchecked[key] = unchecked
+            return
+        self._unchecked[key] = 0
         where, args = ("WHERE model = ? AND version = ?", (model, version)) if model is not None else ("", ())
         (count,) = self.db.execute(f"SELECT COUNT(*) FROM {table} {where}", args).fetchone()
-        if count > limit * 1.1:
+        if count > limit:
             self.db.execute(f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} {where} ORDER BY id LIMIT ?)",
                             (*args, count - limit))
 
