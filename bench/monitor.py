@@ -152,52 +152,68 @@ def index_cost(capacity: int = 100_000) -> dict:
             "first_read_ms": first_read_ms}
 
 
-def paired(fmt: str, a: str, b: str, rounds: int, seconds: float, conns: int, model: str = "digits-cnn") -> dict:
+def paired(fmt: str, a: str, b: str, rounds: int, seconds: float, conns: int, model: str = "digits-cnn",
+           pairs: int = 1) -> dict:
     """Two servers on one core at the same time, each under its own wrk. Per round, two estimates of
     what b costs next to a: the ratio of their req/s, and the ratio of their server CPU time per
     request (every thread, from the scheduler): the second does not depend on how the scheduler
-    split the core between them. Which wrk starts first alternates round by round. Returns the
-    geometric mean of each ratio over the rounds with its 95% confidence interval (Student t)."""
+    split the core between them. Which wrk starts first alternates round by round.
+
+    A process has a speed of its own (its memory layout, hash seed, where its threads landed): two
+    servers of the same setting differ by a few percent for their whole life. So `pairs` fresh
+    pairs of servers are started one after the other, the setting started first alternating, and
+    the result is the geometric mean of each pair's mean, its 95% confidence interval (Student t)
+    taken over the pairs (over the rounds when there is one pair)."""
     import threading
 
     def env(setting: str) -> dict[str, str] | None:
         return dict([setting.split("=", 1)]) if "=" in setting else None
 
-    servers = [http.start_kiln([model], env=env(a)), http.start_kiln([model], env=env(b))]
-    pids = [http.all_pids(s.proc.pid) for s in servers]
     body, path = http.bodies(model)[fmt], f"/v2/models/{model}/infer"
-    rps_ratios, cpu_ratios = [], []
-    try:
-        for srv in servers:
-            http.wrk(srv.url, path, body, conns, 1)  # warm-up
-        for r in range(rounds):
-            res: list[dict] = [{}, {}]
+    per_pair: list[tuple[list[float], list[float]]] = []
+    for k in range(pairs):
+        slots = (a, b) if k % 2 == 0 else (b, a)
+        started = [http.start_kiln([model], env=env(x)) for x in slots]
+        servers = started if k % 2 == 0 else started[::-1]  # servers[0] runs a, servers[1] runs b
+        pids = [http.all_pids(s.proc.pid) for s in servers]
+        rps_ratios, cpu_ratios = [], []
+        try:
+            for srv in servers:
+                http.wrk(srv.url, path, body, conns, 1)  # warm-up
+            for r in range(rounds):
+                res: list[dict] = [{}, {}]
 
-            def drive(i: int, out: list[dict] = res) -> None:
-                out[i] = http.wrk(servers[i].url, path, body, conns, seconds)
+                def drive(i: int, out: list[dict] = res) -> None:
+                    out[i] = http.wrk(servers[i].url, path, body, conns, seconds)
 
-            order = (0, 1) if r % 2 == 0 else (1, 0)
-            cpu0 = [sum(http.cpu_seconds(p) for p in ps) for ps in pids]
-            threads = [threading.Thread(target=drive, args=(i,)) for i in order]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            cpu = [sum(http.cpu_seconds(p) for p in ps) - c for ps, c in zip(pids, cpu0)]
-            rps = [x["requests"] / (x["duration_us"] / 1e6) for x in res]
-            per_request = [c / max(1, x["requests"]) * 1e6 for c, x in zip(cpu, res)]
-            errors = [x["status"] + x["read"] + x["write"] + x["connect"] + x["timeout"] for x in res]
-            rps_ratios.append(rps[1] / rps[0])
-            cpu_ratios.append(per_request[0] / per_request[1])  # > 1: b is cheaper
-            print(f"  round {r}: {a} {rps[0]:,.0f} req/s {per_request[0]:.1f} µs CPU/req | {b} {rps[1]:,.0f} req/s "
-                  f"{per_request[1]:.1f} µs CPU/req | ratios {rps_ratios[-1]:.3f} (req/s) {cpu_ratios[-1]:.3f} "
-                  f"(CPU) | errors {errors}", flush=True)
-    finally:
-        for srv in servers:
-            srv.stop()
-    out = {"model": model, "format": fmt, "a": a, "b": b, "rounds": rounds,
-           "rps": mean_ci(rps_ratios), "cpu": mean_ci(cpu_ratios)}
-    print(f"| {model} | {fmt} | {b} vs {a} | {_pct(out['rps'])} | {_pct(out['cpu'])} | {rounds} |", flush=True)
+                order = (0, 1) if r % 2 == 0 else (1, 0)
+                cpu0 = [sum(http.cpu_seconds(p) for p in ps) for ps in pids]
+                threads = [threading.Thread(target=drive, args=(i,)) for i in order]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                cpu = [sum(http.cpu_seconds(p) for p in ps) - c for ps, c in zip(pids, cpu0)]
+                rps = [x["requests"] / (x["duration_us"] / 1e6) for x in res]
+                per_request = [c / max(1, x["requests"]) * 1e6 for c, x in zip(cpu, res)]
+                errors = [x["status"] + x["read"] + x["write"] + x["connect"] + x["timeout"] for x in res]
+                rps_ratios.append(rps[1] / rps[0])
+                cpu_ratios.append(per_request[0] / per_request[1])  # > 1: b is cheaper
+                print(f"  pair {k} round {r}: {a} {rps[0]:,.0f} req/s {per_request[0]:.1f} µs CPU/req | {b} "
+                      f"{rps[1]:,.0f} req/s {per_request[1]:.1f} µs CPU/req | ratios {rps_ratios[-1]:.3f} (req/s) "
+                      f"{cpu_ratios[-1]:.3f} (CPU) | errors {errors}", flush=True)
+        finally:
+            for srv in servers:
+                srv.stop()
+        per_pair.append((rps_ratios, cpu_ratios))
+    if pairs == 1:
+        rps_est, cpu_est = mean_ci(per_pair[0][0]), mean_ci(per_pair[0][1])
+    else:
+        rps_est = mean_ci([mean_ci(r)[0] for r, _ in per_pair])
+        cpu_est = mean_ci([mean_ci(c)[0] for _, c in per_pair])
+    out = {"model": model, "format": fmt, "a": a, "b": b, "rounds": rounds, "pairs": pairs,
+           "rps": rps_est, "cpu": cpu_est, "rounds_rps": [r for r, _ in per_pair], "rounds_cpu": [c for _, c in per_pair]}
+    print(f"| {model} | {fmt} | {b} vs {a} | {_pct(rps_est)} | {_pct(cpu_est)} | {pairs} × {rounds} |", flush=True)
     return out
 
 
@@ -226,18 +242,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(WORK / "monitor.json"))
     ap.add_argument("--no-http", action="store_true", help="only the in-process figures")
     ap.add_argument("--paired", action="store_true", help="two servers on one core at once (see above)")
+    ap.add_argument("--pairs", type=int, default=1, help="--paired: fresh server pairs, one after the other "
+                    "(--rounds each); the interval is then over the pairs")
     ap.add_argument("--paired-a", default=OFF, help="--paired: the baseline server's setting")
     ap.add_argument("--paired-b", default="default", help="--paired: the compared server's setting "
                     "(ENV=VALUE, or 'default')")
     args = ap.parse_args(argv)
     if args.paired:
         conns = max(1, int(args.concurrency.split(",")[0]) // 2)
-        print(f"paired: {args.rounds} rounds of {args.seconds:g} s, {conns} connections per server, "
-              "both servers on core 0 at once\n")
+        print(f"paired: {args.pairs} pair(s) of servers × {args.rounds} rounds of {args.seconds:g} s, {conns} "
+              "connections per server, both servers on core 0 at once\n")
         print("| model | body | setting | req/s vs baseline [95% CI] | CPU per request, baseline's / its [95% CI] "
-              "| rounds |\n|---|---|---|---|---|---|")
-        out = [paired(fmt, args.paired_a, args.paired_b, args.rounds, args.seconds, conns, args.models.split(",")[0])
-               for fmt in args.formats.split(",")]
+              "| pairs × rounds |\n|---|---|---|---|---|---|")
+        out = [paired(fmt, args.paired_a, args.paired_b, args.rounds, args.seconds, conns, args.models.split(",")[0],
+                      args.pairs) for fmt in args.formats.split(",")]
         Path(args.out).write_text(json.dumps({"paired": out}, indent=1))
         return 0
     print("in-process (20,000 requests handed to the monitor back to back):")
