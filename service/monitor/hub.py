@@ -2,9 +2,14 @@
 
 Request path (`Monitor.observe`, on the event loop, after the response is encoded): the
 prediction into the recent-predictions index (three list appends; every 256 requests one
-vectorized write into its numpy rings, service/monitor/feedback.py), a random draw, and for a
-sampled request (or drift rows) one append to a bounded deque — never a lock, a write or a wait.
-A full deque drops the sample and counts it (kiln_capture_samples_total{result="dropped"}).
+vectorized write into its numpy rings, service/monitor/feedback.py), a countdown to the next
+captured request, and for a sampled request one append to a bounded deque — never a lock, a
+write or a wait. A full deque drops the sample and counts it
+(kiln_capture_samples_total{result="dropped"}). Drift rows (the first `window` rows of each
+interval) are copied in place into one block per model, which goes to the worker as one item when
+it is full, when the next interval starts, or when it has waited IDLE_S (the worker asks the loop
+for it): one item a window rather than one per request, each holding its outputs until the worker
+came by, which measured as the largest part of monitoring's cost.
 
 Worker thread (`kiln-monitor`): asleep until a batch's worth (WAKE_AT items) is queued, or at most
 IDLE_S, so it takes the GIL and the core a few times a second rather than polling; it drains the
@@ -76,12 +81,18 @@ class ModelMonitor:
         dcfg = cfg.drift
         self.detector_window = dcfg.window
         self.drift_rate = dcfg.sample_rate if (self.enabled and dcfg.enabled) else 0.0
-        self.features: list[tuple[str, np.ndarray]] = []
+        # (input, its feature elements, or None for all of them in order: a plain copy)
+        self.features: list[tuple[str, np.ndarray | None]] = []
         for t in mv.inputs:
             row_shape = tuple(t.shape[1:] if self.batched else t.shape)
             if t.datatype in ("BYTES", "BOOL") or any(d < 0 for d in row_shape):
                 continue
-            self.features.append((t.name, feature_index(row_shape, dcfg.max_features)))
+            idx = feature_index(row_shape, dcfg.max_features)
+            whole = len(idx) == math.prod(row_shape) and bool(np.all(idx == np.arange(len(idx))))
+            self.features.append((t.name, None if whole else idx))
+        self.feature_widths = [math.prod(tuple(t.shape[1:] if self.batched else t.shape)) if idx is None else len(idx)
+                               for (name, idx) in self.features
+                               for t in mv.inputs if t.name == name]
         if not self.features:
             self.drift_rate = 0.0
         self.detector: DriftDetector | None = None
@@ -90,6 +101,14 @@ class ModelMonitor:
         # only cost CPU, so busy models feed it a sample (the first `window` rows of each interval).
         self.drift_interval = dcfg.min_interval_s
         self.drift_budget, self.drift_reset = (dcfg.window, 0.0) if self.drift_rate > 0 else (0, math.inf)
+        # The interval's drift rows are written in place into one block (and the output rows beside
+        # them, for the predicted classes), handed to the worker whole: one queue item a window,
+        # not one per request.
+        self._block: np.ndarray | None = None
+        self._block_out: np.ndarray | None = None  # None: some output did not fit (no classes)
+        self._block_rows = 0
+        self._block_since = 0.0
+        self._hand_over = hub._hand_over
         # Capture: a countdown to the next captured request, its gaps drawn from the geometric
         # distribution: the same requests as one random draw per request would pick, without the draw.
         self._random = hub._random
@@ -116,29 +135,55 @@ class ModelMonitor:
             return 1
         return 1 + math.floor(math.log(1.0 - self._random()) / math.log1p(-rate))
 
-    def take_drift(self, inputs: dict[str, np.ndarray], now: float) -> np.ndarray | None:
-        """The request's rows for the drift window, while this interval's budget lasts."""
+    def take_drift(self, inputs: dict[str, np.ndarray], output: np.ndarray | None, now: float) -> None:
+        """The request's rows into the interval's drift block, while this interval's budget lasts."""
         if self.drift_rate < 1.0 and self._random() >= self.drift_rate:
-            return None
+            return
         if now >= self.drift_reset:
+            self.hand_over_block()  # the last interval's rows
             self.drift_reset, self.drift_budget = now + self.drift_interval, self.detector_window
         if self.drift_budget <= 0 and self.drift_interval:
-            return None
-        rows = self.drift_rows(inputs)
-        if rows is not None:
-            self.drift_budget -= len(rows)
-        return rows
+            return
+        self.drift_budget -= self._write_rows(inputs, output, now)
+        if self._block_rows >= self.detector_window:
+            self.hand_over_block()
 
-    def drift_rows(self, inputs: dict[str, np.ndarray]) -> np.ndarray | None:
-        """The request's feature rows (a small copy, so no request buffer is held)."""
-        parts = []
-        for name, idx in self.features:
-            arr = inputs.get(name)
-            if arr is None:
-                return None
-            rows = arr.shape[0] if self.batched else 1
-            parts.append(arr.reshape(rows, -1)[:, idx])
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+    def _write_rows(self, inputs: dict[str, np.ndarray], output: np.ndarray | None, now: float) -> int:
+        """Copy the request's feature rows (and output rows) into the block; the rows written."""
+        arrays = [inputs.get(name) for name, _ in self.features]
+        if any(a is None for a in arrays):
+            return 0
+        rows = arrays[0].shape[0] if self.batched else 1
+        window = self.detector_window
+        if self._block is None:
+            self._block = np.empty((window, sum(self.feature_widths)))
+            self._block_out = None
+            if output is not None and output.size and output.dtype.kind in "biuf":
+                self._block_out = np.empty((window, output.size // max(1, rows)), dtype=output.dtype)
+            self._block_rows, self._block_since = 0, now
+        start = self._block_rows
+        n = min(rows, window - start)
+        col = 0
+        for (name, idx), width, arr in zip(self.features, self.feature_widths, arrays):
+            flat = arr.reshape(rows, -1)[:n]
+            self._block[start:start + n, col:col + width] = flat if idx is None else flat[:, idx]
+            col += width
+        out = self._block_out
+        if out is not None:
+            if output is not None and output.dtype == out.dtype and output.size == rows * out.shape[1]:
+                out[start:start + n] = output.reshape(rows, -1)[:n]
+            else:
+                self._block_out = None
+        self._block_rows = start + n
+        return n
+
+    def hand_over_block(self) -> None:
+        """Queue the block's rows for the worker (event loop thread only: it owns the block)."""
+        if self._block is None or not self._block_rows:
+            return
+        n, block, out = self._block_rows, self._block, self._block_out
+        self._block, self._block_out, self._block_rows = None, None, 0
+        self._hand_over(("drift", self, block[:n], None if out is None else out[:n]))
 
     # -- worker side ------------------------------------------------------------------------------
     def _init_drift(self) -> None:
@@ -156,9 +201,10 @@ class ModelMonitor:
             ref = load_npz_inputs(_resolve(path, mv.model_dir), mv.inputs)
             n = len(next(iter(ref.values())))
             parts, names = [], []
-            for name, idx in self.features:
-                parts.append(ref[name].reshape(n, -1)[:, idx].astype(np.float64))
-                names += [f"{name}[{int(i)}]" for i in idx]
+            for (name, idx), width in zip(self.features, self.feature_widths):
+                flat = ref[name].reshape(n, -1)
+                parts.append((flat if idx is None else flat[:, idx]).astype(np.float64))
+                names += [f"{name}[{int(i)}]" for i in (range(width) if idx is None else idx)]
             rows = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
             classes = n_classes = None
             if self.quality.task == "classification" and mv.sources:
@@ -181,20 +227,16 @@ class ModelMonitor:
         log.info("model %s v%s: drift against %s (%d reference rows, %d features)", self.name, self.version, path,
                  len(rows), len(names))
 
-    def feed_drift(self, rows: np.ndarray, outputs: list[np.ndarray | None], history: list[DriftRow]) -> None:
-        """Rows of several requests, with each request's output (for the predicted classes); each
+    def feed_drift(self, rows: np.ndarray, outputs: np.ndarray | None, history: list[DriftRow]) -> None:
+        """A block of rows, with the output rows beside them (for the predicted classes); each
         evaluation that fell due is published and appended to `history` (written with the samples)."""
         if self._drift_state == "new":
             self._init_drift()
         if self._drift_state != "on":
             return
         classes = None
-        if self.detector.reference_classes is not None and all(o is not None for o in outputs):
-            if len({(o.shape, o.dtype) for o in outputs}) == 1 and outputs[0].ndim > 1:  # one argmax for all
-                classes = np.concatenate(outputs).reshape(len(outputs) * outputs[0].shape[0], -1).argmax(axis=1)
-            else:
-                classes = np.concatenate([o.reshape(o.shape[0] if o.ndim > 1 else 1, -1).argmax(axis=1)
-                                          for o in outputs])
+        if self.detector.reference_classes is not None and outputs is not None:
+            classes = outputs.argmax(axis=1)
         for result in self.detector.add(rows, classes):
             self._publish(result, history)
 
@@ -243,6 +285,7 @@ class Monitor:
         self._queue: deque = deque()
         self._models: dict[tuple[str, str], ModelMonitor] = {}
         self._last: ModelMonitor | None = None  # the monitor of the last request's model version
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._random = random.random
         self.store: CaptureStore | None = None
         self.sink = None
@@ -300,6 +343,11 @@ class Monitor:
                 if mon is None or mon.mv is not mv:
                     mon = self.for_model(mv)
                 self._last = mon
+                if self._loop is None:  # the loop that owns the drift blocks (see _run)
+                    try:
+                        self._loop = asyncio.get_running_loop()
+                    except RuntimeError:  # called outside a loop (in-process benchmark)
+                        pass
             if not mon.enabled:
                 return
             if not request_id:  # no v2 id (gRPC sends ""): the id Kiln assigned (x-request-id)
@@ -313,25 +361,40 @@ class Monitor:
             capture = mon.capture_in <= 0
             if capture:
                 mon.capture_in = mon.capture_gap()
-            drift = None
             if mon.drift_budget > 0 or now >= mon.drift_reset:  # else this interval's drift rows are all taken
-                drift = mon.take_drift(inputs, now)
-            if not capture and drift is None:
+                mon.take_drift(inputs, out, now)
+            if not capture:
                 return
             if len(self._queue) >= self.queue_size:
-                if capture:
-                    mon.dropped.inc()
+                mon.dropped.inc()
                 return
-            if capture:  # copied now: a binary request's inputs are views of a staging slab, which is
-                # reused (warm, without page faults) only once nothing refers to it (service/staging.py)
-                inputs = {k: np.array(v) for k, v in inputs.items()}
-            queue = self._queue
-            queue.append((mon, request_id, now, time.perf_counter() - start, inputs if capture else None,
-                          outputs, drift))
-            if len(queue) == WAKE_AT:  # a batch's worth: wake the worker now (one Event.set per batch)
-                self._wake.set()
+            # Copied now: a binary request's inputs are views of a staging slab, which is reused
+            # (warm, without page faults) only once nothing refers to it (service/staging.py).
+            inputs = {k: np.array(v) for k, v in inputs.items()}
+            self._hand_over((mon, request_id, now, time.perf_counter() - start, inputs, outputs))
         except Exception:  # monitoring must never fail a request
             log.exception("monitor: observing a request of %s failed", mv.name)
+
+    def _hand_over(self, item: tuple) -> None:
+        """Queue an item for the worker (the event loop's side: a deque append, no lock). A full
+        queue drops it (observe counts a dropped capture before it gets here)."""
+        queue = self._queue
+        if len(queue) >= self.queue_size:
+            return
+        queue.append(item)
+        if len(queue) == WAKE_AT:  # a batch's worth: wake the worker now (one Event.set per batch)
+            self._wake.set()
+
+    def _flush_blocks(self, older_than: float = 0.0) -> None:
+        """Hand over the drift blocks filled for at least `older_than` s (on the event loop: a
+        quiet model's partial block reaches the worker without waiting for its next request)."""
+        try:
+            now = time.time()
+            for mon in list(self._models.values()):
+                if mon._block_rows and now - mon._block_since >= older_than:
+                    mon.hand_over_block()
+        except Exception:
+            log.exception("monitor: handing over drift rows failed")
 
     # -- feedback ---------------------------------------------------------------------------------
     async def feedback(self, mv, body: bytes) -> dict[str, Any]:
@@ -385,7 +448,8 @@ class Monitor:
                 self._write_pending()
                 return
             else:  # asleep until a batch's worth is queued, a flush, or IDLE_S: a few wake-ups a second
-                self._wake.wait(IDLE_S)
+                if not self._wake.wait(IDLE_S):
+                    self._request_block_flush(IDLE_S)
                 self._wake.clear()
             now = time.monotonic()
             if (self._pending or self._history) and now - self._last_write >= WRITE_S:
@@ -394,30 +458,35 @@ class Monitor:
                 last_tick = now
                 self._tick()
 
+    def _request_block_flush(self, older_than: float) -> None:
+        """Ask the event loop for the drift blocks that waited `older_than` s (a quiet model)."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or not any(m._block_rows for m in list(self._models.values())):
+            return
+        try:
+            loop.call_soon_threadsafe(self._flush_blocks, older_than)
+        except RuntimeError:  # the loop closed meanwhile
+            pass
+
     def _process(self, batch: list) -> None:
         samples: list[tuple[ModelMonitor, Sample]] = []
         labels: list = []
-        drift: dict[ModelMonitor, tuple[list, list]] = {}
         for item in batch:
             head = item[0]
             if head == "labels":
                 labels += item[1]
             elif head == "live":
                 self.store.add_live(*item[1:])
-            else:
-                mon, rid, when, latency, inputs, outputs, rows = item
-                if rows is not None:
-                    parts = drift.setdefault(mon, ([], []))
-                    parts[0].append(rows)
-                    parts[1].append(outputs.get(mon.output))
-                if inputs is not None:  # inputs copied by observe; outputs may be views of a batch's
-                    samples.append((mon, Sample(mon.name, mon.version, rid, when, latency, inputs,
-                                                {k: np.array(v) for k, v in outputs.items()})))
-        for mon, (rows, outs) in drift.items():  # one detector call per model and batch of requests
-            try:
-                mon.feed_drift(np.concatenate(rows), outs, self._history)
-            except Exception:
-                log.exception("monitor: drift of %s v%s failed", mon.name, mon.version)
+            elif head == "drift":
+                _, mon, rows, outputs = item
+                try:
+                    mon.feed_drift(rows, outputs, self._history)
+                except Exception:
+                    log.exception("monitor: drift of %s v%s failed", mon.name, mon.version)
+            else:  # a captured request: inputs copied by observe; outputs may be views of a batch's
+                mon, rid, when, latency, inputs, outputs = item
+                samples.append((mon, Sample(mon.name, mon.version, rid, when, latency, inputs,
+                                            {k: np.array(v) for k, v in outputs.items()})))
         self._pending += samples
         if labels:
             self.store.add_labels(labels)
@@ -461,8 +530,19 @@ class Monitor:
         mm_metrics.CAPTURE_EVENTS.labels(model, version, result).inc()
 
     def flush(self, timeout: float = 10.0) -> None:
-        """Wait until the worker has taken everything queued so far (tests, shutdown)."""
+        """Wait until the worker has taken everything queued so far, the drift rows of the current
+        interval included (tests, shutdown)."""
         deadline = time.monotonic() + timeout
+        loop = self._loop
+        try:
+            on_loop = loop is not None and asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if loop is None or on_loop or loop.is_closed():
+            self._flush_blocks()
+        else:
+            self._request_block_flush(0.0)
+            time.sleep(0.05)
         while self._queue and time.monotonic() < deadline:
             self._wake.set()
             time.sleep(0.01)
