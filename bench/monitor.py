@@ -6,6 +6,7 @@ every request.
     python -m bench.monitor --models mlp --seconds 8
     python -m bench.monitor --no-http         # only the in-process cost of the hand-off and the worker
     python -m bench.monitor --paired          # two servers on one core at once: off vs the default rate
+    python -m bench.monitor --paired --pairs 20 --rounds 3 --seconds 2   # 20 fresh pairs: a 95% interval of about ±2%
 
 It runs bench.http (wrk, server pinned to core 0, the variants interleaved round by round) with
 one Kiln per setting and prints each setting's req/s and p99 against monitoring off. Target: at
@@ -15,8 +16,11 @@ On a VM whose speed drifts from second to second, rounds run one after the other
 than the target. `--paired` runs two servers AT THE SAME TIME on the same core (core 0), each under
 its own wrk (c/2 connections) on core 1: the host's noise hits both at once and the scheduler splits
 the core between them, so their req/s ratio in a round is the inverse of their CPU cost per
-request. `--paired-a KILN_MONITOR_ENABLED=false --paired-b KILN_MONITOR_ENABLED=false` (A/A) shows
-the method's own spread.
+request; each server's CPU time per request (from the scheduler) is compared as well. A process
+keeps a speed of its own for its whole life (a few percent either way), so `--pairs K` starts K
+fresh pairs one after the other and takes the interval over the pairs.
+`--paired-a KILN_MONITOR_ENABLED=false --paired-b KILN_MONITOR_ENABLED=false` (A/A) shows the
+method's own error.
 """
 
 from __future__ import annotations

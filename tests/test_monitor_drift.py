@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -352,3 +354,37 @@ def test_the_class_chi_square_equals_scipys_chi2_contingency():
         assert chi2_homogeneity(table) == (pytest.approx(chi2, rel=1e-12), pytest.approx(p, rel=1e-9, abs=1e-300))
     table = np.array([[3, 4], [3, 5]])  # |observed - expected| under 0.5: Yates moves it to 0, not past it
     assert chi2_homogeneity(table) == pytest.approx(stats.chi2_contingency(table)[:2])
+
+
+def test_drift_rows_reach_the_detector_in_blocks_exactly_and_only_the_intervals_budget(tmp_path):
+    """Requests of 7 rows: the first `window` (250) rows of the interval reach the detector, in
+    order and exactly (the 36th request split across the block's end), with their predicted classes;
+    the rest of the interval's rows are not taken."""
+    from pathlib import Path
+
+    from service.monitor.hub import Monitor
+    from service.repository import ModelRepository
+    from service.settings import Settings
+
+    repo = ModelRepository(Path(__file__).resolve().parents[1] / "model_repo", tmp_path / "cache", ["digits-cnn"])
+    repo.load_all()
+    mon = Monitor(Settings(cache_dir=tmp_path, monitor_dir=tmp_path / "store", monitor_sample_rate=0.0))
+    try:
+        mv = repo.get("digits-cnn")
+        rng = np.random.default_rng(11)
+        x = rng.random((50 * 7, 1, 8, 8), dtype=np.float32)
+        logits = rng.random((50 * 7, 10), dtype=np.float32)
+        for i in range(50):
+            mon.observe(mv, f"r{i}", {"input": x[7 * i:7 * i + 7]}, {"logits": logits[7 * i:7 * i + 7]}, 0.0)
+        mon.flush(60)
+        model_monitor = mon._models[("digits-cnn", mv.version)]
+        deadline = time.monotonic() + 60  # the worker loads the reference first
+        while (model_monitor.detector is None or model_monitor.detector.seen < 250) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        det = model_monitor.detector
+        assert det is not None and det.seen == 250
+        assert np.array_equal(det.window_rows(), x[:250].reshape(250, -1).astype(np.float64))
+        assert np.array_equal(det.window_classes(), logits[:250].argmax(axis=1))
+    finally:
+        mon.close()
+        repo.close()

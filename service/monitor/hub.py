@@ -136,24 +136,28 @@ class ModelMonitor:
         return 1 + math.floor(math.log(1.0 - self._random()) / math.log1p(-rate))
 
     def take_drift(self, inputs: dict[str, np.ndarray], output: np.ndarray | None, now: float) -> None:
-        """The request's rows into the interval's drift block, while this interval's budget lasts."""
+        """The request's rows into the interval's drift block, while this interval's budget lasts
+        (a full block goes to the worker and the rest of the request's rows start the next one)."""
         if self.drift_rate < 1.0 and self._random() >= self.drift_rate:
             return
         if now >= self.drift_reset:
             self.hand_over_block()  # the last interval's rows
             self.drift_reset, self.drift_budget = now + self.drift_interval, self.detector_window
-        if self.drift_budget <= 0 and self.drift_interval:
-            return
-        self.drift_budget -= self._write_rows(inputs, output, now)
-        if self._block_rows >= self.detector_window:
-            self.hand_over_block()
-
-    def _write_rows(self, inputs: dict[str, np.ndarray], output: np.ndarray | None, now: float) -> int:
-        """Copy the request's feature rows (and output rows) into the block; the rows written."""
         arrays = [inputs.get(name) for name, _ in self.features]
         if any(a is None for a in arrays):
-            return 0
+            return
         rows = arrays[0].shape[0] if self.batched else 1
+        first = 0
+        while first < rows and (self.drift_budget > 0 or not self.drift_interval):
+            n = self._write_rows(arrays, output, rows, first, now)
+            first += n
+            self.drift_budget -= n
+            if self._block_rows >= self.detector_window:
+                self.hand_over_block()
+
+    def _write_rows(self, arrays: list[np.ndarray], output: np.ndarray | None, rows: int, first: int,
+                    now: float) -> int:
+        """Copy rows first.. of the request's features (and output) into the block; how many fit."""
         window = self.detector_window
         if self._block is None:
             self._block = np.empty((window, sum(self.feature_widths)))
@@ -162,16 +166,18 @@ class ModelMonitor:
                 self._block_out = np.empty((window, output.size // max(1, rows)), dtype=output.dtype)
             self._block_rows, self._block_since = 0, now
         start = self._block_rows
-        n = min(rows, window - start)
+        n = min(rows - first, window - start)
+        if self.drift_interval:
+            n = min(n, self.drift_budget)
         col = 0
-        for (name, idx), width, arr in zip(self.features, self.feature_widths, arrays):
-            flat = arr.reshape(rows, -1)[:n]
+        for (_, idx), width, arr in zip(self.features, self.feature_widths, arrays):
+            flat = arr.reshape(rows, -1)[first:first + n]
             self._block[start:start + n, col:col + width] = flat if idx is None else flat[:, idx]
             col += width
         out = self._block_out
         if out is not None:
             if output is not None and output.dtype == out.dtype and output.size == rows * out.shape[1]:
-                out[start:start + n] = output.reshape(rows, -1)[:n]
+                out[start:start + n] = output.reshape(rows, -1)[first:first + n]
             else:
                 self._block_out = None
         self._block_rows = start + n
