@@ -377,8 +377,22 @@ def test_export_feeds_quantize_and_the_int8_model_passes_its_gates(env, data):
 
     x, y = data
     http = env["http"]
-    # Labels for the captured load requests (the eval labels of their rows).
-    kept = {rid: rows for rid, rows, _ in env["load"]}
+    # Three fresh captured requests, so the export does not hang on the load test's samples
+    # surviving the 128 KiB store's churn from the tests in between (they are labelled too).
+    srv = env["srv"]
+    before = captured(scrape(srv.url), "digits-cnn", "stored")
+    fresh = []
+    for i in range(3):
+        rows = np.random.default_rng(100 + i).choice(len(x), 32, replace=False)
+        header = json.dumps({"id": f"export-{i}", "inputs": [{"name": "input", "datatype": "FP32",
+                             "shape": [32, 1, 8, 8], "parameters": {"binary_data_size": 32 * 256}}]}).encode()
+        r = http.post("/v2/models/digits-cnn/infer", content=header + x[rows].tobytes(),
+                      headers={"Inference-Header-Content-Length": str(len(header))})
+        assert r.status_code == 200, r.text
+        fresh.append((f"export-{i}", rows, r))
+    wait_for(srv, lambda s: captured(s, "digits-cnn", "stored") >= before + 3)
+    # Labels for the captured requests (the eval labels of their rows).
+    kept = {rid: rows for rid, rows, _ in env["load"] + fresh}
     r = http.post("/v2/models/digits-cnn/feedback", json=[{"id": rid, "label": y[rows].tolist()}
                                                            for rid, rows in kept.items()])
     assert r.status_code == 200 and r.json()["joined"] == len(kept)
