@@ -8,8 +8,8 @@ write or a wait. A full deque drops the sample and counts it
 (kiln_capture_samples_total{result="dropped"}). Drift rows (the first `window` rows of each
 interval) are copied in place into one block per model, which goes to the worker as one item when
 it is full, when the next interval starts, or when it has waited IDLE_S (the worker asks the loop
-for it): one item a window rather than one per request, each holding its outputs until the worker
-came by, which measured as the largest part of monitoring's cost.
+for it): one item a window rather than one per request (each holding its outputs until the
+worker came by).
 
 Worker thread (`kiln-monitor`): asleep until a batch's worth (WAKE_AT items) is queued, or at most
 IDLE_S, so it takes the GIL and the core a few times a second rather than polling; it drains the
@@ -83,6 +83,7 @@ class ModelMonitor:
         self.drift_rate = dcfg.sample_rate if (self.enabled and dcfg.enabled) else 0.0
         # (input, its feature elements, or None for all of them in order: a plain copy)
         self.features: list[tuple[str, np.ndarray | None]] = []
+        self.feature_widths: list[int] = []  # features per input, in block columns
         for t in mv.inputs:
             row_shape = tuple(t.shape[1:] if self.batched else t.shape)
             if t.datatype in ("BYTES", "BOOL") or any(d < 0 for d in row_shape):
@@ -90,9 +91,7 @@ class ModelMonitor:
             idx = feature_index(row_shape, dcfg.max_features)
             whole = len(idx) == math.prod(row_shape) and bool(np.all(idx == np.arange(len(idx))))
             self.features.append((t.name, None if whole else idx))
-        self.feature_widths = [math.prod(tuple(t.shape[1:] if self.batched else t.shape)) if idx is None else len(idx)
-                               for (name, idx) in self.features
-                               for t in mv.inputs if t.name == name]
+            self.feature_widths.append(len(idx))
         if not self.features:
             self.drift_rate = 0.0
         self.detector: DriftDetector | None = None
