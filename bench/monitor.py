@@ -187,8 +187,8 @@ def paired(fmt: str, a: str, b: str, rounds: int, seconds: float, conns: int, mo
             for r in range(rounds):
                 res: list[dict] = [{}, {}]
 
-                def drive(i: int, out: list[dict] = res) -> None:
-                    out[i] = http.wrk(servers[i].url, path, body, conns, seconds)
+                def drive(i: int, out: list[dict] = res, targets: list = servers) -> None:
+                    out[i] = http.wrk(targets[i].url, path, body, conns, seconds)
 
                 order = (0, 1) if r % 2 == 0 else (1, 0)
                 cpu0 = [sum(http.cpu_seconds(p) for p in ps) for ps in pids]

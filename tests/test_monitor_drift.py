@@ -333,10 +333,8 @@ def test_drift_history_is_written_with_the_samples_and_trimmed_to_its_limit(tmp_
     for k in range(30):  # 750 evaluations for a limit of 200
         rows = [DriftRow("m", "1", float(k * 25 + i), 250, i % 2 == 0, 0.5, 0.1, 0.01, {"seen": k * 25 + i})
                 for i in range(25)]
-        if k % 2:
-            store.insert([Sample("m", "1", f"r{k}", 0.0, 0.0, {"x": x}, {"y": x})], rows)
-        else:
-            store.add_drift(rows)
+        samples = [Sample("m", "1", f"r{k}", 0.0, 0.0, {"x": x}, {"y": x})] if k % 2 else []
+        store.insert(samples, rows)
     history = store.drift_history("m")
     assert [h["detail"]["seen"] for h in history] == list(range(550, 750))
     assert [h["detected"] for h in history[:4]] == [1, 0, 1, 0]

@@ -81,17 +81,15 @@ class ModelMonitor:
         dcfg = cfg.drift
         self.detector_window = dcfg.window
         self.drift_rate = dcfg.sample_rate if (self.enabled and dcfg.enabled) else 0.0
-        # (input, its feature elements, or None for all of them in order: a plain copy)
-        self.features: list[tuple[str, np.ndarray | None]] = []
-        self.feature_widths: list[int] = []  # features per input, in block columns
+        # (input, its feature elements or None for all of them in order (a plain copy), how many)
+        self.features: list[tuple[str, np.ndarray | None, int]] = []
         for t in mv.inputs:
             row_shape = tuple(t.shape[1:] if self.batched else t.shape)
             if t.datatype in ("BYTES", "BOOL") or any(d < 0 for d in row_shape):
                 continue
             idx = feature_index(row_shape, dcfg.max_features)
             whole = len(idx) == math.prod(row_shape) and bool(np.all(idx == np.arange(len(idx))))
-            self.features.append((t.name, None if whole else idx))
-            self.feature_widths.append(len(idx))
+            self.features.append((t.name, None if whole else idx, len(idx)))
         if not self.features:
             self.drift_rate = 0.0
         self.detector: DriftDetector | None = None
@@ -142,7 +140,7 @@ class ModelMonitor:
         if now >= self.drift_reset:
             self.hand_over_block()  # the last interval's rows
             self.drift_reset, self.drift_budget = now + self.drift_interval, self.detector_window
-        arrays = [inputs.get(name) for name, _ in self.features]
+        arrays = [inputs.get(name) for name, _, _ in self.features]
         if any(a is None for a in arrays):
             return
         rows = arrays[0].shape[0] if self.batched else 1
@@ -159,7 +157,7 @@ class ModelMonitor:
         """Copy rows first.. of the request's features (and output) into the block; how many fit."""
         window = self.detector_window
         if self._block is None:
-            self._block = np.empty((window, sum(self.feature_widths)))
+            self._block = np.empty((window, sum(width for _, _, width in self.features)))
             self._block_out = None
             if output is not None and output.size and output.dtype.kind in "biuf":
                 self._block_out = np.empty((window, output.size // max(1, rows)), dtype=output.dtype)
@@ -169,7 +167,7 @@ class ModelMonitor:
         if self.drift_interval:
             n = min(n, self.drift_budget)
         col = 0
-        for (_, idx), width, arr in zip(self.features, self.feature_widths, arrays):
+        for (_, idx, width), arr in zip(self.features, arrays):
             flat = arr.reshape(rows, -1)[first:first + n]
             self._block[start:start + n, col:col + width] = flat if idx is None else flat[:, idx]
             col += width
@@ -181,6 +179,10 @@ class ModelMonitor:
                 self._block_out = None
         self._block_rows = start + n
         return n
+
+    def block_age(self, now: float) -> float | None:
+        """Seconds since the drift block got its first row; None when it holds none."""
+        return now - self._block_since if self._block is not None and self._block_rows else None
 
     def hand_over_block(self) -> None:
         """Queue the block's rows for the worker (event loop thread only: it owns the block)."""
@@ -206,7 +208,7 @@ class ModelMonitor:
             ref = load_npz_inputs(_resolve(path, mv.model_dir), mv.inputs)
             n = len(next(iter(ref.values())))
             parts, names = [], []
-            for (name, idx), width in zip(self.features, self.feature_widths):
+            for name, idx, width in self.features:
                 flat = ref[name].reshape(n, -1)
                 parts.append((flat if idx is None else flat[:, idx]).astype(np.float64))
                 names += [f"{name}[{int(i)}]" for i in (range(width) if idx is None else idx)]
@@ -396,7 +398,8 @@ class Monitor:
         try:
             now = time.time()
             for mon in list(self._models.values()):
-                if mon._block_rows and now - mon._block_since >= older_than:
+                age = mon.block_age(now)
+                if age is not None and age >= older_than:
                     mon.hand_over_block()
         except Exception:
             log.exception("monitor: handing over drift rows failed")
@@ -466,7 +469,8 @@ class Monitor:
     def _request_block_flush(self, older_than: float) -> None:
         """Ask the event loop for the drift blocks that waited `older_than` s (a quiet model)."""
         loop = self._loop
-        if loop is None or loop.is_closed() or not any(m._block_rows for m in list(self._models.values())):
+        now = time.time()
+        if loop is None or loop.is_closed() or all(m.block_age(now) is None for m in list(self._models.values())):
             return
         try:
             loop.call_soon_threadsafe(self._flush_blocks, older_than)
@@ -545,9 +549,20 @@ class Monitor:
             on_loop = False
         if loop is None or on_loop or loop.is_closed():
             self._flush_blocks()
-        else:
-            self._request_block_flush(0.0)
-            time.sleep(0.05)
+        else:  # the loop owns the blocks: it hands them over, this thread waits until it has
+            done = threading.Event()
+
+            def flush_on_loop() -> None:
+                try:
+                    self._flush_blocks()
+                finally:
+                    done.set()
+
+            try:
+                loop.call_soon_threadsafe(flush_on_loop)
+                done.wait(timeout)
+            except RuntimeError:  # the loop closed meanwhile
+                pass
         while self._queue and time.monotonic() < deadline:
             self._wake.set()
             time.sleep(0.01)

@@ -35,6 +35,9 @@ FILENAME = "capture.sqlite"
 HISTORY_ROWS = 10_000
 # A history table is counted (and trimmed) after this share of its limit was written since.
 TRIM_EVERY = 0.05
+# Room a drift history row is given before a write's eviction check (its detail JSON: the worst
+# features and up to 20 drifted names).
+DRIFT_ROW_BYTES = 512
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (
@@ -197,7 +200,7 @@ class CaptureStore:
     def insert(self, samples: Iterable[Sample], drift: list[DriftRow] = ()) -> tuple[int, list[tuple[str, str]], list[Sample]]:
         """Write samples in transactions of at most a tenth of the cap each, the oldest samples
         evicted before each one so that the files never pass the cap, and drift history rows in the
-        first of them (one commit for both). Returns (rows written, (model, version) of each evicted
+        first of them (one commit for both; drift rows alone when there are no samples). Returns (rows written, (model, version) of each evicted
         sample, samples too large to keep: over a quarter of the cap)."""
         n, too_large = 0, []
         chunk: list[tuple[Sample, list[tuple[str, str, bytes]], int]] = []
@@ -221,13 +224,14 @@ class CaptureStore:
         return n, evicted, too_large
 
     def _write(self, chunk, size: int, evicted: list[tuple[str, str]], drift: list[DriftRow] = ()) -> int:
-        evicted += self._evict(incoming=size + 512 * len(drift))
+        evicted += self._evict(incoming=size + DRIFT_ROW_BYTES * len(drift))
         self.db.execute("BEGIN")
         try:
             if drift:
                 self.db.executemany("INSERT INTO drift (model, version, time, rows, detected, min_p_value, max_ks, "
                                     "max_psi, detail) VALUES (?,?,?,?,?,?,?,?,?)",
-                                    [(*r[:4], int(r.detected), *r[5:8], json.dumps(r.detail)) for r in drift])
+                                    [(r.model, r.version, r.time, r.rows, int(r.detected), r.min_p_value, r.max_ks,
+                                      r.max_psi, json.dumps(r.detail)) for r in drift])
                 for key, count in Counter((r.model, r.version) for r in drift).items():
                     self._trim("drift", *key, written=count)
             for s, blobs, nbytes in chunk:
@@ -303,13 +307,6 @@ class CaptureStore:
             self._trim("labels", None, None, limit=200_000, written=len(rows))
             self.db.execute("COMMIT")
             self._backlog += self._evict(incoming=4096)
-
-    def add_drift(self, rows: list[DriftRow]) -> None:
-        """Drift history rows on their own (the worker writes them with its samples: insert)."""
-        with self._lock:
-            evicted: list[tuple[str, str]] = []
-            self._write([], 0, evicted, rows)
-            self._backlog += evicted
 
     def add_live(self, model: str, version: str, time: float, metric: str, value: float, n: int) -> None:
         with self._lock:
