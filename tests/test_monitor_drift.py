@@ -355,9 +355,11 @@ def test_the_class_chi_square_equals_scipys_chi2_contingency():
 
 
 def test_drift_rows_reach_the_detector_in_blocks_exactly_and_only_the_intervals_budget(tmp_path):
-    """Requests of 7 rows: the first `window` (250) rows of the interval reach the detector, in
-    order and exactly (the 36th request split across the block's end), with their predicted classes;
-    the rest of the interval's rows are not taken."""
+    """Requests of 7 rows. With the default min_interval_s (1 s) the first `every` (50) rows of the
+    interval reach the detector, the 8th request split at the block's end, and none after them;
+    with min_interval_s 0 every row does, in blocks of 50 (requests split across their ends). In
+    order and exactly, with their predicted classes. Without a reference, once the worker has
+    found none, no more rows are copied."""
     from pathlib import Path
 
     from service.monitor.hub import Monitor
@@ -366,23 +368,49 @@ def test_drift_rows_reach_the_detector_in_blocks_exactly_and_only_the_intervals_
 
     repo = ModelRepository(Path(__file__).resolve().parents[1] / "model_repo", tmp_path / "cache", ["digits-cnn"])
     repo.load_all()
-    mon = Monitor(Settings(cache_dir=tmp_path, monitor_dir=tmp_path / "store", monitor_sample_rate=0.0))
+    rng = np.random.default_rng(11)
+    x = rng.random((50 * 7, 1, 8, 8), dtype=np.float32)
+    logits = rng.random((50 * 7, 10), dtype=np.float32)
     try:
         mv = repo.get("digits-cnn")
-        rng = np.random.default_rng(11)
-        x = rng.random((50 * 7, 1, 8, 8), dtype=np.float32)
-        logits = rng.random((50 * 7, 10), dtype=np.float32)
-        for i in range(50):
-            mon.observe(mv, f"r{i}", {"input": x[7 * i:7 * i + 7]}, {"logits": logits[7 * i:7 * i + 7]}, 0.0)
-        mon.flush(60)
-        model_monitor = mon._models[("digits-cnn", mv.version)]
-        deadline = time.monotonic() + 60  # the worker loads the reference first
-        while (model_monitor.detector is None or model_monitor.detector.seen < 250) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        det = model_monitor.detector
-        assert det is not None and det.seen == 250
-        assert np.array_equal(det.window_rows(), x[:250].reshape(250, -1).astype(np.float64))
-        assert np.array_equal(det.window_classes(), logits[:250].argmax(axis=1))
+        drift = mv.config.monitor.drift
+        assert (drift.every, drift.window, drift.min_interval_s) == (50, 250, 1.0)  # the defaults
+        for interval, taken in ((1.0, 50), (0.0, 350)):
+            drift.min_interval_s = interval  # read by the model's monitor when the first request comes
+            mon = Monitor(Settings(cache_dir=tmp_path, monitor_dir=tmp_path / f"store-{interval}",
+                                   monitor_sample_rate=0.0))
+            try:
+                for i in range(50):
+                    mon.observe(mv, f"r{i}", {"input": x[7 * i:7 * i + 7]}, {"logits": logits[7 * i:7 * i + 7]}, 0.0)
+                mon.flush(60)
+                model_monitor = mon._models[("digits-cnn", mv.version)]
+                deadline = time.monotonic() + 60  # the worker loads the reference first
+                while ((model_monitor.detector is None or model_monitor.detector.seen < taken)
+                       and time.monotonic() < deadline):
+                    time.sleep(0.05)
+                time.sleep(0.2)  # time for rows past the budget, if any were taken, to arrive
+                det = model_monitor.detector
+                assert det is not None and det.seen == taken
+                last = slice(max(0, taken - 250), taken)  # the window: the last 250 of them
+                assert np.array_equal(det.window_rows(), x[last].reshape(-1, 64).astype(np.float64))
+                assert np.array_equal(det.window_classes(), logits[last].argmax(axis=1))
+            finally:
+                mon.close()
+        # No reference: once the worker has found that, the event loop stops copying rows.
+        mv.config.verify.samples, mv.config.accuracy = None, None
+        mon = Monitor(Settings(cache_dir=tmp_path, monitor_dir=tmp_path / "store-none", monitor_sample_rate=0.0))
+        try:
+            mon.observe(mv, "first", {"input": x[:7]}, {"logits": logits[:7]}, 0.0)
+            mon.flush(60)
+            model_monitor = mon._models[("digits-cnn", mv.version)]
+            deadline = time.monotonic() + 60
+            while model_monitor._drift_state != "off" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert model_monitor._drift_state == "off" and model_monitor.detector is None
+            for i in range(1, 50):
+                mon.observe(mv, f"n{i}", {"input": x[7 * i:7 * i + 7]}, {"logits": logits[7 * i:7 * i + 7]}, 0.0)
+            assert model_monitor.drift_open == float("inf") and model_monitor.block_age(time.time()) is None
+        finally:
+            mon.close()
     finally:
-        mon.close()
         repo.close()

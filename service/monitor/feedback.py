@@ -111,7 +111,7 @@ class RecentPredictions:
     Per request it keeps only what a join needs (a classifier's predicted class per row, a
     regressor's output values) in numpy rings allocated once: nothing per request that the cyclic
     GC tracks (so no collection walks 100,000 entries) or that eviction frees (a slot is
-    overwritten). `put` only appends to three short lists; every COMMIT predictions, and before
+    overwritten). `put` only appends to a short list; every COMMIT predictions, and before
     any read, they are written into the rings at once (one concatenate, one argmax). The id -> slot
     dict is built when feedback first reads the index (a server that gets no feedback never pays
     for it) and kept by each commit from then on. Its keys and values are str and int, so the GC
@@ -122,9 +122,9 @@ class RecentPredictions:
     def __init__(self, capacity: int, task: str = "auto"):
         self.capacity = capacity
         self.task = task  # classification | regression | auto: decided by the first prediction
-        self._rids: list[str] = []            # pending: put since the last commit
-        self._outs: list[np.ndarray] = []
-        self._whens: list[float] = []
+        # (request id, output, time) put since the last commit. The per-request path appends to
+        # it directly (service/monitor/hub.py, as put does): the one list, kept, never replaced.
+        self.pending: list[tuple[str, np.ndarray, float]] = []
         self._ids = np.empty(capacity, dtype=object)    # request id per slot (None: empty)
         self._when = np.zeros(capacity)
         self._labelled = np.zeros(capacity, dtype=bool)
@@ -137,19 +137,17 @@ class RecentPredictions:
         self._kept = False
 
     def put(self, request_id: str, output: np.ndarray, when: float) -> None:
-        rids = self._rids
-        rids.append(request_id)
-        self._outs.append(output)
-        self._whens.append(when)
-        if len(rids) >= COMMIT:
+        pending = self.pending
+        pending.append((request_id, output, when))
+        if len(pending) >= COMMIT:
             self.commit()
 
     def commit(self) -> None:
         """Write the pending predictions into the rings (put does it every COMMIT; reads first)."""
-        rids, outs, whens = self._rids, self._outs, self._whens
-        if not rids:
+        if not self.pending:
             return
-        self._rids, self._outs, self._whens = [], [], []
+        rids, outs, whens = map(list, zip(*self.pending))
+        self.pending.clear()
         cap = self.capacity
         if len(rids) > cap:
             rids, outs, whens = rids[-cap:], outs[-cap:], whens[-cap:]

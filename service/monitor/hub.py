@@ -1,15 +1,15 @@
 """The monitor: what the infer path hands over, and the background worker that does the rest.
 
 Request path (`Monitor.observe`, on the event loop, after the response is encoded): the
-prediction into the recent-predictions index (three list appends; every 256 requests one
+prediction into the recent-predictions index (one tuple appended; every 256 requests one
 vectorized write into its numpy rings, service/monitor/feedback.py), a countdown to the next
 captured request, and for a sampled request one append to a bounded deque — never a lock, a
 write or a wait. A full deque drops the sample and counts it
-(kiln_capture_samples_total{result="dropped"}). Drift rows (the first `window` rows of each
-interval) are copied in place into one block per model, which goes to the worker as one item when
-it is full, when the next interval starts, or when it has waited IDLE_S (the worker asks the loop
-for it): one item a window rather than one per request (each holding its outputs until the
-worker came by).
+(kiln_capture_samples_total{result="dropped"}). Drift rows (the first `every` rows of each
+`min_interval_s`: one evaluation's worth) are copied in place into one block per model, which goes
+to the worker as one item when it is full, when the next interval starts, or when it has waited
+IDLE_S (the worker asks the loop for it): one item an evaluation rather than one per request (each
+holding its outputs until the worker came by).
 
 Worker thread (`kiln-monitor`): asleep until a batch's worth (WAKE_AT items) is queued, or at most
 IDLE_S, so it takes the GIL and the core a few times a second rather than polling; it drains the
@@ -76,10 +76,12 @@ class ModelMonitor:
         if task == "auto" and spec is not None and spec.shape and spec.shape[-1] != -1:
             task = "classification" if spec.shape[-1] > 1 else "regression"
         self.recent = fb.RecentPredictions(hub.recent_capacity, task)
+        self.pending = self.recent.pending  # observe appends to it directly (RecentPredictions.put)
         self.quality = fb.LiveQuality(task, cfg.feedback.window, mv.labels, cfg.feedback.max_delay_s)
         # Drift: which flattened elements of which inputs are features (fixed-shape numeric inputs).
         dcfg = cfg.drift
-        self.detector_window = dcfg.window
+        # Rows per block, and per interval: one evaluation's worth (see the budget below).
+        self.drift_rows = dcfg.every
         self.drift_rate = dcfg.sample_rate if (self.enabled and dcfg.enabled) else 0.0
         # (input, its feature elements or None for all of them in order (a plain copy), how many)
         self.features: list[tuple[str, np.ndarray | None, int]] = []
@@ -94,13 +96,19 @@ class ModelMonitor:
             self.drift_rate = 0.0
         self.detector: DriftDetector | None = None
         self._feature_gauges: list[tuple[Any, Any, Any]] | None = None
-        # Rows the detector can use: one window per evaluation interval. Beyond that, rows would
-        # only cost CPU, so busy models feed it a sample (the first `window` rows of each interval).
+        # Rows the detector uses: an evaluation every `every` new rows, at most one per
+        # min_interval_s. So a busy model feeds it `every` rows per interval (the first ones): each
+        # evaluation then sees as many new rows as a quiet model's does, and the rows past them,
+        # which only a later evaluation would see and only after more rows replaced them, cost
+        # nothing. The window then spans window / every intervals rather than one.
         self.drift_interval = dcfg.min_interval_s
-        self.drift_budget, self.drift_reset = (dcfg.window, 0.0) if self.drift_rate > 0 else (0, math.inf)
-        # The interval's drift rows are written in place into one block (and the output rows beside
-        # them, for the predicted classes), handed to the worker whole: one queue item a window,
-        # not one per request.
+        self.drift_budget, self.drift_reset = (dcfg.every, 0.0) if self.drift_rate > 0 else (0, math.inf)
+        # When observe next hands a request to take_drift: now (0) while the interval's budget
+        # lasts, its end once spent, never (inf) when drift is off.
+        self.drift_open = 0.0 if self.drift_rate > 0 else math.inf
+        # The drift rows are written in place into one block of `every` rows (and the output rows
+        # beside them, for the predicted classes), handed to the worker whole: one queue item an
+        # evaluation, not one per request.
         self._block: np.ndarray | None = None
         self._block_out: np.ndarray | None = None  # None: some output did not fit (no classes)
         self._block_rows = 0
@@ -135,11 +143,15 @@ class ModelMonitor:
     def take_drift(self, inputs: dict[str, np.ndarray], output: np.ndarray | None, now: float) -> None:
         """The request's rows into the interval's drift block, while this interval's budget lasts
         (a full block goes to the worker and the rest of the request's rows start the next one)."""
+        if self._drift_state == "off":  # the worker found no usable reference: no more rows
+            self.drift_open = math.inf
+            return
         if self.drift_rate < 1.0 and self._random() >= self.drift_rate:
             return
         if now >= self.drift_reset:
             self.hand_over_block()  # the last interval's rows
-            self.drift_reset, self.drift_budget = now + self.drift_interval, self.detector_window
+            self.drift_reset, self.drift_budget = now + self.drift_interval, self.drift_rows
+            self.drift_open = 0.0
         arrays = [inputs.get(name) for name, _, _ in self.features]
         if any(a is None for a in arrays):
             return
@@ -149,13 +161,15 @@ class ModelMonitor:
             n = self._write_rows(arrays, output, rows, first, now)
             first += n
             self.drift_budget -= n
-            if self._block_rows >= self.detector_window:
+            if self._block_rows >= self.drift_rows:
                 self.hand_over_block()
+        if self.drift_budget <= 0 and self.drift_interval:
+            self.drift_open = self.drift_reset  # this interval's rows are all taken
 
     def _write_rows(self, arrays: list[np.ndarray], output: np.ndarray | None, rows: int, first: int,
                     now: float) -> int:
         """Copy rows first.. of the request's features (and output) into the block; how many fit."""
-        window = self.detector_window
+        window = self.drift_rows
         if self._block is None:
             self._block = np.empty((window, sum(width for _, _, width in self.features)))
             self._block_out = None
@@ -194,13 +208,14 @@ class ModelMonitor:
 
     # -- worker side ------------------------------------------------------------------------------
     def _init_drift(self) -> None:
-        """Load the reference (and, for classifiers, its predictions by the FP32 source)."""
-        self._drift_state = "off"
+        """Load the reference (and, for classifiers, its predictions by the FP32 source). The state
+        is set once, at the end: the event loop reads "off" as "stop taking rows"."""
         mv, cfg = self.mv, self.mv.config
         path = cfg.monitor.reference or cfg.verify.samples or (cfg.accuracy.dataset if cfg.accuracy else None)
         if path is None:
             log.info("model %s v%s: no drift reference (monitor.reference, verify.samples or accuracy.dataset): "
                      "drift is off", self.name, self.version)
+            self._drift_state = "off"
             return
         from ..verify import load_npz_inputs, run_batched
 
@@ -222,12 +237,16 @@ class ModelMonitor:
                 pred = pred.reshape(n, -1)
                 classes, n_classes = pred.argmax(axis=1), pred.shape[1]
             d = cfg.monitor.drift
+            # No min_interval_s here: take_drift hands over at most `every` rows per interval, so
+            # the detector evaluates at most once an interval already, and each block it gets
+            # after a full one is evaluated rather than deferred by the worker's wake-up jitter.
             self.detector = DriftDetector(rows, names, window=d.window, every=d.every, p_value=d.p_value,
                                           bins=d.psi_bins, reference_classes=classes, n_classes=n_classes,
-                                          min_interval_s=d.min_interval_s, p_value_interval_s=d.p_value_interval_s)
+                                          p_value_interval_s=d.p_value_interval_s)
         except Exception as err:  # noqa: BLE001 - a bad reference turns drift off for this model, nothing else
             log.warning("model %s v%s: drift reference %s unusable, drift is off: %s: %s", self.name, self.version,
                         path, type(err).__name__, err)
+            self._drift_state = "off"
             return
         self._drift_state = "on"
         mm_metrics.DRIFT_DETECTED.labels(self.name, self.version).set(0)
@@ -342,19 +361,13 @@ class Monitor:
     # -- the infer path ---------------------------------------------------------------------------
     def observe(self, mv, request_id: str | None, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
                 start: float) -> None:
-        """One answered request. `request_id`: the v2 request's `id`, else the x-request-id."""
+        """One answered request. `request_id`: the v2 request's `id`, else the x-request-id.
+        Every request pays for this much (kept short: it runs once per request on the event loop):
+        the prediction into the index, the capture countdown, whether drift wants rows now."""
         try:
             mon = self._last
             if mon is None or mon.mv is not mv:
-                mon = self._models.get((mv.name, mv.version))
-                if mon is None or mon.mv is not mv:
-                    mon = self.for_model(mv)
-                self._last = mon
-                if self._loop is None:  # the loop that owns the drift blocks (see _run)
-                    try:
-                        self._loop = asyncio.get_running_loop()
-                    except RuntimeError:  # called outside a loop (in-process benchmark)
-                        pass
+                mon = self._monitor_of(mv)
             if not mon.enabled:
                 return
             if not request_id:  # no v2 id (gRPC sends ""): the id Kiln assigned (x-request-id)
@@ -362,25 +375,48 @@ class Monitor:
                 request_id = ctx[0] if ctx is not None else new_request_id(None)
             now = time.time()
             out = outputs.get(mon.output)
-            if out is not None:
-                mon.recent.put(request_id, out, now)
+            if out is not None:  # RecentPredictions.put, inline: the one call every request makes
+                pending = mon.pending
+                pending.append((request_id, out, now))
+                if len(pending) >= fb.COMMIT:
+                    mon.recent.commit()
             mon.capture_in -= 1
-            capture = mon.capture_in <= 0
-            if capture:
-                mon.capture_in = mon.capture_gap()
-            if mon.drift_budget > 0 or now >= mon.drift_reset:  # else this interval's drift rows are all taken
-                mon.take_drift(inputs, out, now)
-            if not capture:
+            if mon.capture_in > 0 and now < mon.drift_open:
                 return
-            if len(self._queue) >= self.queue_size:
-                mon.dropped.inc()
-                return
-            # Copied now: a binary request's inputs are views of a staging slab, which is reused
-            # (warm, without page faults) only once nothing refers to it (service/staging.py).
-            inputs = {k: np.array(v) for k, v in inputs.items()}
-            self._hand_over((mon, request_id, now, time.perf_counter() - start, inputs, outputs))
+            self._sample(mon, request_id, inputs, outputs, out, now, start)
         except Exception:  # monitoring must never fail a request
             log.exception("monitor: observing a request of %s failed", mv.name)
+
+    def _monitor_of(self, mv) -> ModelMonitor:
+        """observe's model lookup when the request is not for the last request's model version."""
+        mon = self._models.get((mv.name, mv.version))
+        if mon is None or mon.mv is not mv:
+            mon = self.for_model(mv)
+        self._last = mon
+        if self._loop is None:  # the loop that owns the drift blocks (see _run)
+            try:
+                self._loop = asyncio.get_running_loop()
+            except RuntimeError:  # called outside a loop (in-process benchmark)
+                pass
+        return mon
+
+    def _sample(self, mon: ModelMonitor, request_id: str, inputs: dict[str, np.ndarray],
+                outputs: dict[str, np.ndarray], out: np.ndarray | None, now: float, start: float) -> None:
+        """A request that is captured, or whose rows drift wants (observe decided)."""
+        capture = mon.capture_in <= 0
+        if capture:
+            mon.capture_in = mon.capture_gap()
+        if now >= mon.drift_open:
+            mon.take_drift(inputs, out, now)
+        if not capture:
+            return
+        if len(self._queue) >= self.queue_size:
+            mon.dropped.inc()
+            return
+        # Copied now: a binary request's inputs are views of a staging slab, which is reused
+        # (warm, without page faults) only once nothing refers to it (service/staging.py).
+        inputs = {k: np.array(v) for k, v in inputs.items()}
+        self._hand_over((mon, request_id, now, time.perf_counter() - start, inputs, outputs))
 
     def _hand_over(self, item: tuple) -> None:
         """Queue an item for the worker (the event loop's side: a deque append, no lock). A full
