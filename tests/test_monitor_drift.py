@@ -357,7 +357,7 @@ def test_the_class_chi_square_equals_scipys_chi2_contingency():
 def test_drift_rows_reach_the_detector_in_blocks_exactly_and_only_the_intervals_budget(tmp_path):
     """Requests of 7 rows. With the default min_interval_s (1 s) the first `every` (50) rows of the
     interval reach the detector, the 8th request split at the block's end, and none after them;
-    with min_interval_s 0 every row does, in blocks of 50 (requests split across their ends). In
+    with min_interval_s 0 every row does (no budget: each request's rows handed over at once). In
     order and exactly, with their predicted classes. Without a reference, once the worker has
     found none, no more rows are copied."""
     from pathlib import Path
@@ -409,7 +409,7 @@ def test_drift_rows_reach_the_detector_in_blocks_exactly_and_only_the_intervals_
             assert model_monitor._drift_state == "off" and model_monitor.detector is None
             for i in range(1, 50):
                 mon.observe(mv, f"n{i}", {"input": x[7 * i:7 * i + 7]}, {"logits": logits[7 * i:7 * i + 7]}, 0.0)
-            assert model_monitor.drift_open == float("inf") and model_monitor.block_age(time.time()) is None
+            assert model_monitor.drift_reset == float("inf") and model_monitor.block_age(time.time()) is None
         finally:
             mon.close()
     finally:

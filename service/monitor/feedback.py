@@ -122,9 +122,7 @@ class RecentPredictions:
     def __init__(self, capacity: int, task: str = "auto"):
         self.capacity = capacity
         self.task = task  # classification | regression | auto: decided by the first prediction
-        # (request id, output, time) put since the last commit. The per-request path appends to
-        # it directly (service/monitor/hub.py, as put does): the one list, kept, never replaced.
-        self.pending: list[tuple[str, np.ndarray, float]] = []
+        self._pending: list[tuple[str, np.ndarray, float]] = []  # (id, output, time) put since the last commit
         self._ids = np.empty(capacity, dtype=object)    # request id per slot (None: empty)
         self._when = np.zeros(capacity)
         self._labelled = np.zeros(capacity, dtype=bool)
@@ -137,17 +135,17 @@ class RecentPredictions:
         self._kept = False
 
     def put(self, request_id: str, output: np.ndarray, when: float) -> None:
-        pending = self.pending
+        pending = self._pending
         pending.append((request_id, output, when))
         if len(pending) >= COMMIT:
             self.commit()
 
     def commit(self) -> None:
         """Write the pending predictions into the rings (put does it every COMMIT; reads first)."""
-        if not self.pending:
+        if not self._pending:
             return
-        rids, outs, whens = map(list, zip(*self.pending))
-        self.pending.clear()
+        rids, outs, whens = map(list, zip(*self._pending))
+        self._pending = []
         cap = self.capacity
         if len(rids) > cap:
             rids, outs, whens = rids[-cap:], outs[-cap:], whens[-cap:]

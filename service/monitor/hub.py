@@ -76,7 +76,6 @@ class ModelMonitor:
         if task == "auto" and spec is not None and spec.shape and spec.shape[-1] != -1:
             task = "classification" if spec.shape[-1] > 1 else "regression"
         self.recent = fb.RecentPredictions(hub.recent_capacity, task)
-        self.pending = self.recent.pending  # observe appends to it directly (RecentPredictions.put)
         self.quality = fb.LiveQuality(task, cfg.feedback.window, mv.labels, cfg.feedback.max_delay_s)
         # Drift: which flattened elements of which inputs are features (fixed-shape numeric inputs).
         dcfg = cfg.drift
@@ -103,9 +102,6 @@ class ModelMonitor:
         # nothing. The window then spans window / every intervals rather than one.
         self.drift_interval = dcfg.min_interval_s
         self.drift_budget, self.drift_reset = (dcfg.every, 0.0) if self.drift_rate > 0 else (0, math.inf)
-        # When observe next hands a request to take_drift: now (0) while the interval's budget
-        # lasts, its end once spent, never (inf) when drift is off.
-        self.drift_open = 0.0 if self.drift_rate > 0 else math.inf
         # The drift rows are written in place into one block of `every` rows (and the output rows
         # beside them, for the predicted classes), handed to the worker whole: one queue item an
         # evaluation, not one per request.
@@ -144,14 +140,13 @@ class ModelMonitor:
         """The request's rows into the interval's drift block, while this interval's budget lasts
         (a full block goes to the worker and the rest of the request's rows start the next one)."""
         if self._drift_state == "off":  # the worker found no usable reference: no more rows
-            self.drift_open = math.inf
+            self.drift_budget, self.drift_reset = 0, math.inf
             return
         if self.drift_rate < 1.0 and self._random() >= self.drift_rate:
             return
         if now >= self.drift_reset:
             self.hand_over_block()  # the last interval's rows
             self.drift_reset, self.drift_budget = now + self.drift_interval, self.drift_rows
-            self.drift_open = 0.0
         arrays = [inputs.get(name) for name, _, _ in self.features]
         if any(a is None for a in arrays):
             return
@@ -163,8 +158,6 @@ class ModelMonitor:
             self.drift_budget -= n
             if self._block_rows >= self.drift_rows:
                 self.hand_over_block()
-        if self.drift_budget <= 0 and self.drift_interval:
-            self.drift_open = self.drift_reset  # this interval's rows are all taken
 
     def _write_rows(self, arrays: list[np.ndarray], output: np.ndarray | None, rows: int, first: int,
                     now: float) -> int:
@@ -375,13 +368,11 @@ class Monitor:
                 request_id = ctx[0] if ctx is not None else new_request_id(None)
             now = time.time()
             out = outputs.get(mon.output)
-            if out is not None:  # RecentPredictions.put, inline: the one call every request makes
-                pending = mon.pending
-                pending.append((request_id, out, now))
-                if len(pending) >= fb.COMMIT:
-                    mon.recent.commit()
+            if out is not None:
+                mon.recent.put(request_id, out, now)
             mon.capture_in -= 1
-            if mon.capture_in > 0 and now < mon.drift_open:
+            # Neither captured nor wanted by drift (this interval's rows all taken, or drift off).
+            if mon.capture_in > 0 and mon.drift_budget <= 0 and now < mon.drift_reset:
                 return
             self._sample(mon, request_id, inputs, outputs, out, now, start)
         except Exception:  # monitoring must never fail a request
@@ -406,7 +397,7 @@ class Monitor:
         capture = mon.capture_in <= 0
         if capture:
             mon.capture_in = mon.capture_gap()
-        if now >= mon.drift_open:
+        if mon.drift_budget > 0 or now >= mon.drift_reset:
             mon.take_drift(inputs, out, now)
         if not capture:
             return
