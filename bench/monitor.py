@@ -40,16 +40,18 @@ SETTINGS = [(f"kiln ({OFF})", "off"), (f"kiln ({NO_CAPTURE})", "drift + feedback
             ("kiln", "default (capture 0.01)"), (f"kiln ({FULL})", "capture 1.0")]
 
 
-def in_process(calls: int = 20000) -> dict:
+def in_process(calls: int = 20000, batch: int = 16) -> dict:
     """What monitoring costs per request, in-process and single-threaded (steadier than wrk on a
-    shared machine): Monitor.observe on the infer path, the worker's CPU per captured sample, and
-    one drift evaluation (digits-cnn: 64 features, window 250, 128 reference rows)."""
+    shared machine): Monitor.watch once per request and the model's observer once per batch of
+    `batch` requests (what the batcher calls, service/batcher.py), the worker's CPU per request,
+    and one drift evaluation (digits-cnn: 64 features, window 250, 128 reference rows)."""
     import tempfile
     import threading
     import time
 
     import numpy as np
 
+    from service.batcher import Served
     from service.monitor.drift import DriftDetector
     from service.monitor.hub import Monitor
     from service.repository import ModelRepository
@@ -59,14 +61,24 @@ def in_process(calls: int = 20000) -> dict:
     repo = ModelRepository(http.ROOT / "model_repo", tmp / "cache", ["digits-cnn"])
     repo.load_all()
     mv = repo.get("digits-cnn")
-    x = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
-    out = {"logits": np.zeros((1, 10), np.float32)}
+    xs = np.random.default_rng(0).random((batch, 1, 8, 8), dtype=np.float32)
+    logits = np.zeros((batch, 10), np.float32)
+    inputs = [{"input": xs[i:i + 1]} for i in range(batch)]
+    outputs = [{"logits": logits[i:i + 1]} for i in range(batch)]
+
+    def serve(mon: Monitor, tag: str, start: float) -> None:
+        """`calls` requests: a watch each, an observation per batch, built as the batcher builds it."""
+        for b in range(calls // batch):
+            watches = [mon.watch(mv, f"{tag}-{b}-{i}", start) for i in range(batch)]
+            observer = watches[0][0]
+            observer(Served([w[1] for w in watches], inputs, outputs, [time.perf_counter() - start] * batch,
+                            {"input": xs}, {"logits": logits}))
+
     result = {}
     try:
         for rate in (0.0, 0.01, 1.0):
             mon = Monitor(Settings(cache_dir=tmp, monitor_dir=tmp / f"store-{rate}", monitor_sample_rate=rate))
-            for i in range(1000):  # warm up: the model's monitor, the drift reference (loaded by the worker)
-                mon.observe(mv, f"w{i}", {"input": x}, out, 0.0)
+            serve(mon, "warm", 0.0)  # warm up: the model's monitor, the drift reference (loaded by the worker)
             mon.flush(120)
             time.sleep(1.5)
             worker = mon._thread
@@ -74,18 +86,16 @@ def in_process(calls: int = 20000) -> dict:
             observe, work = [], []
             for rep in range(3):  # the best of three: background load only adds
                 w0, c0 = time.clock_gettime(clock), time.thread_time()
-                start = time.perf_counter()
-                for i in range(calls):
-                    mon.observe(mv, f"r{rep}-{i}", {"input": x}, out, start)
+                serve(mon, f"r{rep}", time.perf_counter())
                 observe.append((time.thread_time() - c0) / calls * 1e6)
                 mon.flush(120)
                 time.sleep(0.1)
                 work.append((time.clock_gettime(clock) - w0) / calls * 1e6)
             observe_us, worker_us = min(observe), min(work)
             mon.close()
-            result[rate] = {"observe_us": observe_us, "worker_us": worker_us}
-            print(f"  capture {rate:g}: Monitor.observe {observe_us:.2f} µs CPU per request on the event loop; "
-                  f"worker {worker_us:.2f} µs CPU per request", flush=True)
+            result[rate] = {"observe_us": observe_us, "worker_us": worker_us, "batch": batch}
+            print(f"  capture {rate:g}: watch + observe (batches of {batch}) {observe_us:.2f} µs CPU per request on "
+                  f"the event loop; worker {worker_us:.2f} µs CPU per request", flush=True)
     finally:
         repo.close()
     result.update(index_cost())

@@ -22,6 +22,12 @@ the cheapest and the lowest-latency schedule for models of tens of microseconds.
 Without a `dynamic_batching` section (or with `max_batch_size: 0`) requests run one at a time
 on the runner pool, never merged.
 
+Observing: a request enqueued with `watch=(observer, request id, start)` is handed, with the others
+of its batch, to `observer(Served)` on its event loop once its future holds the result: one call per
+batch, with the batch's own input and output arrays, so what the monitor does per request
+(service/monitor/hub.py) is paid per batch. Only requests this batch answered are in it (not one
+that timed out first, not a failed batch).
+
 Health: a runner thread that dies or an inline flush that raises (a bug, never a bad request: those
 fail their own batch) breaks the batcher. It then answers every queued and later request 503 at
 once with the reason, logs the failure with its traceback, and tells its owner (`on_broken`), which
@@ -57,7 +63,7 @@ from .batch_policy import (
 from .errors import KilnError, Unavailable
 from .staging import StagingSlabs, contiguous_runs, gather
 
-__all__ = ["REPLACE_AFTER_FAILURES", "BatchPolicy", "Batcher", "Calibration", "CostCurve", "InferenceFailed"]
+__all__ = ["REPLACE_AFTER_FAILURES", "BatchPolicy", "Batcher", "Calibration", "CostCurve", "InferenceFailed", "Served", "Watch"]
 
 log = logging.getLogger("kiln.batcher")
 
@@ -82,6 +88,24 @@ class Calibration:
     call_s: float = float("inf")    # a model call's fixed cost, beyond its rows
 
 
+# What a request asks its batch's observer for: (observer, request id, the request's perf_counter start).
+Watch = tuple[Callable[["Served"], None], str, float]
+
+
+@dataclass(frozen=True, eq=False)
+class Served:
+    """The observed requests of one executed batch, in batch order (see "Observing" above)."""
+
+    ids: list[str]
+    inputs: list[dict[str, np.ndarray]]    # each request's own inputs
+    outputs: list[dict[str, np.ndarray]]   # each request's own outputs
+    seconds: list[float]                   # each request's start → its outputs ready
+    # The whole batch's inputs and outputs (rows in the order above), when these requests are the
+    # whole batch; else None (some request was not observed, or timed out before its result).
+    batch_inputs: dict[str, np.ndarray] | None = None
+    batch_outputs: dict[str, np.ndarray] | None = None
+
+
 @dataclass(eq=False)
 class _Item:
     inputs: dict[str, np.ndarray]
@@ -90,6 +114,7 @@ class _Item:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     enqueued: float
+    watch: Watch | None = None
 
 
 @dataclass(eq=False)
@@ -176,13 +201,15 @@ class Batcher:
     def queue_depth(self) -> int:
         return len(self._pending)
 
-    async def submit(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float, float]:
+    async def submit(self, inputs: dict[str, np.ndarray],
+                     watch: Watch | None = None) -> tuple[dict[str, np.ndarray], float, float]:
         """Outputs for these inputs (this request's rows only), queue seconds, compute seconds."""
-        return await self.enqueue(inputs)
+        return await self.enqueue(inputs, watch)
 
-    def enqueue(self, inputs: dict[str, np.ndarray]) -> asyncio.Future:
+    def enqueue(self, inputs: dict[str, np.ndarray], watch: Watch | None = None) -> asyncio.Future:
         """Queue these inputs; the future resolves to `submit`'s result. Completing or cancelling
-        the future first (a timeout, service/limits.py) drops the request if it has not run yet."""
+        the future first (a timeout, service/limits.py) drops the request if it has not run yet.
+        `watch`: hand the request to this observer with its batch (see "Observing" above)."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         if self.policy.batching:
@@ -192,7 +219,7 @@ class Batcher:
         else:
             rows, key = 1, ()
         now = time.perf_counter()
-        item = _Item(inputs, rows, key, fut, loop, now)
+        item = _Item(inputs, rows, key, fut, loop, now, watch)
         wake = None
         with self._lock:
             if self._closed:
@@ -402,7 +429,7 @@ class Batcher:
                        for k, v in outputs.items()}
                 offset += it.rows
                 results.append((it, (own, start - it.enqueued, compute)))
-        _deliver(results)
+        _deliver(results, None if error is not None else (inputs, outputs))
 
     # -- failure handling -----------------------------------------------------------------------------
     def _replace_runner(self, w: _Worker) -> None:
@@ -475,27 +502,65 @@ def _copy_seconds_per_row(row: np.ndarray, rows: int) -> float:
     return best / len(parts)
 
 
-def _deliver(results: list[tuple[_Item, Any]]) -> None:
-    """Hand each item its result (or exception) on its own event loop: one call per loop."""
-    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-    for it, res in results:
-        by_loop.setdefault(it.loop, []).append((it.future, res))
+def _deliver(results: list[tuple[_Item, Any]],
+             batch: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None) -> None:
+    """Hand each item its result (or exception) on its own event loop: one call per loop.
+    `batch`: the executed batch's (inputs, outputs), for its observers."""
+    if not results:
+        return
+    first = results[0][0].loop
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {first: results}
+    if any(it.loop is not first for it, _ in results):
+        by_loop = {}
+        for it, res in results:
+            by_loop.setdefault(it.loop, []).append((it, res))
+        batch = None  # no one loop sees the whole batch
     current = asyncio._get_running_loop()
     for loop, items in by_loop.items():
         if loop is current:
-            _resolve(items)
+            _resolve(items, batch)
             continue
         try:
-            loop.call_soon_threadsafe(_resolve, items)
+            loop.call_soon_threadsafe(_resolve, items, batch)
         except RuntimeError:  # the client's loop is gone
             pass
 
 
-def _resolve(items: list) -> None:
-    for fut, res in items:
+def _resolve(items: list[tuple[_Item, Any]], batch=None) -> None:
+    watched = None
+    for it, res in items:
+        fut = it.future
         if fut.done():
             continue
         if isinstance(res, BaseException):
             fut.set_exception(res)
-        else:
-            fut.set_result(res)
+            continue
+        fut.set_result(res)
+        if it.watch is not None:
+            if watched is None:
+                watched = []
+            watched.append((it, res[0]))
+    if watched:
+        _observe(watched, batch if len(watched) == len(items) else None)
+
+
+def _observe(watched: list[tuple[_Item, dict[str, np.ndarray]]], batch) -> None:
+    """Hand the answered, observed requests to their observer (one per model version, in practice
+    one per batch). An observer that raises loses its batch's observation, never a response."""
+    now = time.perf_counter()
+    observer = watched[0][0].watch[0]
+    if any(it.watch[0] != observer for it, _ in watched):  # bound methods: equal, not identical
+        groups: dict[Any, list] = {}
+        for entry in watched:
+            groups.setdefault(entry[0].watch[0], []).append(entry)
+        parts = [(obs, group, None) for obs, group in groups.items()]
+    else:
+        parts = [(observer, watched, batch)]
+    for obs, group, whole in parts:
+        served = Served([it.watch[1] for it, _ in group], [it.inputs for it, _ in group], [out for _, out in group],
+                        [now - it.watch[2] for it, _ in group],
+                        *(whole if whole is not None else (None, None)))
+        try:
+            obs(served)
+        except Exception:
+            log.exception("observing a batch failed")

@@ -100,15 +100,15 @@ class InferCore:
             mv.validate(req.inputs, req.datatypes)
             outputs_wanted = _requested_outputs(mv, req)
             decoded = time.perf_counter()
-            result, queue_s, compute_s = await _limits.infer(mv, req, self.timeout_s)
+            # The monitor sees the request with its batch (service/monitor/hub.py): one call per batch.
+            watch = self.monitor.watch(mv, req.id, start) if self.monitor is not None else None
+            result, queue_s, compute_s = await _limits.infer(mv, req, self.timeout_s, watch)
             computed = time.perf_counter()
             reply = encode(mv, req, [
                 (name, classify(result[name], k, mv.labels) if k else result[name], binary)
                 for name, binary, k in outputs_wanted
             ])
             end = time.perf_counter()
-            if self.monitor is not None:  # an O(1) hand-off (service/monitor/hub.py); never fails the request
-                self.monitor.observe(mv, req.id, req.inputs, result, start)
             outcome, rows = "success", _batch(mv, req.inputs)
             phases = (decoded - start, queue_s, compute_s, end - computed, end - start)
             if router is not None:  # shadow / comparison copies, off the request path

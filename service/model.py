@@ -299,12 +299,13 @@ class ModelVersion:
         batcher = self._batcher
         return batcher.staging(nbytes) if batcher is not None else None
 
-    def enqueue(self, inputs: dict[str, np.ndarray]) -> asyncio.Future:
-        """Into the batcher; the future resolves to (outputs, queue seconds, compute seconds)."""
+    def enqueue(self, inputs: dict[str, np.ndarray], watch=None) -> asyncio.Future:
+        """Into the batcher; the future resolves to (outputs, queue seconds, compute seconds).
+        `watch`: the monitor's (observer, request id, start), see service/batcher.py."""
         batcher = self._batcher
         if batcher is None:
             raise Unavailable(f"model '{self.name}' version {self.version} is not ready ({self.state})")
-        return batcher.enqueue(inputs)
+        return batcher.enqueue(inputs, watch)
 
     def _close_runners(self) -> None:
         runners = list(self.runners)

@@ -495,3 +495,113 @@ def test_a_broken_batcher_says_so_at_once(model_path, mode, caplog):
     assert any("batcher broken" in r.getMessage() and r.exc_info for r in caplog.records)
     if mode == "threads":
         assert not any(w.thread.is_alive() for w in b.workers)
+
+
+@pytest.mark.parametrize("mode", ["threads", "inline"])
+def test_observer_sees_each_batch_once_with_its_answered_requests(model_path, mode):
+    """enqueue(watch=...) hands the observer one Served per batch, on the event loop, after the
+    futures hold their results: each request's id, own inputs and outputs, and the whole batch's
+    arrays when the batch is exactly the observed requests. Unwatched requests (a rollout's shadow
+    copies) are left out, and then the batch arrays are not offered."""
+    b = Batcher("lin", "1", [ort_runner(model_path)], BatchPolicy(16, 0.004, (16,), 100))
+    b.calibrate({"x": np.zeros((1, 16), np.float32)})
+    b.inline = mode == "inline"
+    seen: list = []
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((int(rng.integers(1, 4)), 16)).astype(np.float32) for _ in range(40)]
+
+    def observer(served):
+        seen.append((threading.current_thread() is threading.main_thread(), served,
+                     [loop_futures[i].done() for i in (int(r[1:]) for r in served.ids)]))
+
+    loop_futures: list = []
+
+    async def main():
+        for i, x in enumerate(xs):  # one burst: the batcher merges them
+            watch = None if i % 10 == 9 else (observer, f"r{i}", time.perf_counter())
+            loop_futures.append(b.enqueue({"x": x}, watch))
+        return await asyncio.gather(*loop_futures)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        b.close()
+    observed = [rid for _, s, _ in seen for rid in s.ids]
+    assert observed == [f"r{i}" for i in range(40) if i % 10 != 9]  # every watched request once, in order
+    assert all(on_loop and all(done) for on_loop, _, done in seen)  # on the loop, after the results
+    for _, s, _ in seen:
+        for rid, x_own, out, secs in zip(s.ids, s.inputs, s.outputs, s.seconds):
+            i = int(rid[1:])
+            assert x_own["x"] is xs[i] and out["y"] is not None and secs > 0
+            np.testing.assert_array_equal(out["y"], results[i][0]["y"])
+        if s.batch_inputs is not None:  # the whole batch: exactly these requests' rows, in order
+            np.testing.assert_array_equal(s.batch_inputs["x"], np.concatenate([x["x"] for x in s.inputs]))
+            np.testing.assert_array_equal(s.batch_outputs["y"], np.concatenate([o["y"] for o in s.outputs]))
+    assert len(seen) < 36  # per batch, not per request
+    assert any(s.batch_inputs is not None for _, s, _ in seen)
+
+
+def test_observer_skips_failed_batches_and_timed_out_requests_and_cannot_fail_one(model_path):
+    """A failed batch is not observed; a request whose future was completed while its batch ran (a
+    timeout) is not in its batch's Served, nor are the batch arrays then; an observer that raises
+    loses only its own observation: every response still arrives."""
+    futures: dict = {}
+
+    class TimesOutOne:
+        """Runs inline, on the loop: fails the 'late' request's future mid-batch, as the timer of
+        service/limits.py would."""
+
+        def __init__(self):
+            self.runner = ort_runner(model_path)
+
+        def infer(self, inputs):
+            futures["late"].set_exception(TimeoutError("gave up"))
+            return self.runner.infer(inputs)
+
+        def close(self):
+            pass
+
+    b = Batcher("lin", "1", [TimesOutOne()], BatchPolicy(8, 0.0, (), 100))
+    b.inline = True  # everything queued in one loop iteration is one batch
+    seen: list = []
+
+    def observer(served):
+        seen.append(served)
+        raise RuntimeError("observer bug")
+
+    async def main():
+        start = time.perf_counter()
+        for rid, rows in (("first", 1), ("late", 1), ("kept", 2)):
+            futures[rid] = b.enqueue({"x": np.full((rows, 16), len(rid), np.float32)}, (observer, rid, start))
+        out = await asyncio.gather(futures["first"], futures["kept"])
+        with pytest.raises(TimeoutError):
+            await futures["late"]
+        return out
+
+    try:
+        out = asyncio.run(main())
+    finally:
+        b.close()
+    assert [o[0]["y"].shape for o in out] == [(1, 4), (2, 4)]
+    assert [s.ids for s in seen] == [["first", "kept"]]  # one batch, without the timed-out request
+    assert seen[0].batch_inputs is None and [x["x"].shape for x in seen[0].inputs] == [(1, 16), (2, 16)]
+
+    class Broken:
+        def infer(self, inputs):
+            raise RuntimeError("boom")
+
+        def close(self):
+            pass
+
+    broken = Batcher("lin", "1", [Broken()], BatchPolicy(4, 0.0, (), 10))
+    calls: list = []
+
+    async def fail():
+        with pytest.raises(Exception, match="boom"):
+            await broken.submit({"x": np.ones((1, 16), np.float32)}, (calls.append, "x", 0.0))
+
+    try:
+        asyncio.run(fail())
+    finally:
+        broken.close()
+    assert calls == []

@@ -414,3 +414,80 @@ def test_drift_rows_reach_the_detector_in_blocks_exactly_and_only_the_intervals_
             mon.close()
     finally:
         repo.close()
+
+
+@pytest.mark.parametrize("form", ["whole batches", "batches with other rows"])
+def test_a_batch_leaves_the_monitor_as_its_requests_one_by_one_would(tmp_path, form):
+    """What the batcher hands the monitor per batch (service/batcher.py's Served) leaves the same
+    state as its requests handed over one at a time: the same requests captured (the same seeded
+    countdown), with their own inputs and outputs; the same predictions in the index; the same
+    drift rows. "whole batches" offers the batch's arrays (drift copies them at once), "batches
+    with other rows" does not (drift takes each request's own rows)."""
+    import random
+    from pathlib import Path
+
+    from service.batcher import Served
+    from service.monitor.hub import Monitor
+    from service.monitor.store import CaptureStore
+    from service.repository import ModelRepository
+    from service.settings import Settings
+
+    repo = ModelRepository(Path(__file__).resolve().parents[1] / "model_repo", tmp_path / "cache", ["digits-cnn"])
+    repo.load_all()
+    rng = np.random.default_rng(5)
+    rows = rng.integers(1, 4, 60)
+    xs = [rng.random((int(n), 1, 8, 8), dtype=np.float32) for n in rows]
+    ys = [rng.random((int(n), 10), dtype=np.float32) for n in rows]
+    sizes = [1, 8, 3, 5, 2, 7, 4, 6, 1, 9, 2, 3, 5, 4]  # batches of 60 requests
+    assert sum(sizes) == 60
+    state = {}
+    try:
+        mv = repo.get("digits-cnn")
+        for way in ("one by one", form):
+            folder = tmp_path / way
+            mon = Monitor(Settings(cache_dir=tmp_path, monitor_dir=folder, monitor_sample_rate=0.2))
+            mon._random = random.Random(7).random  # the countdown's draws, the same in both ways
+            try:
+                if way == "one by one":
+                    for i in range(60):
+                        mon.observe(mv, f"r{i}", {"input": xs[i]}, {"logits": ys[i]}, 0.0)
+                else:
+                    first = 0
+                    for size in sizes:
+                        part = range(first, first + size)
+                        whole = form == "whole batches"
+                        watches = [mon.watch(mv, f"r{i}", 0.0) for i in part]
+                        watches[0][0](Served([w[1] for w in watches], [{"input": xs[i]} for i in part],
+                                             [{"logits": ys[i]} for i in part], [0.001] * size,
+                                             {"input": np.concatenate([xs[i] for i in part])} if whole else None,
+                                             {"logits": np.concatenate([ys[i] for i in part])} if whole else None))
+                        first += size
+                mon.flush(60)
+                model_monitor = mon._models[("digits-cnn", mv.version)]
+                deadline = time.monotonic() + 60  # the worker loads the reference first
+                while (model_monitor.detector is None or model_monitor.detector.seen < 50) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                det = model_monitor.detector
+                predictions = model_monitor.recent.lookup([f"r{i}" for i in range(60)])
+                state[way] = (det.seen, det.window_rows(), det.window_classes(),
+                              [(p.rows, p.classes.tolist()) for p in predictions])
+            finally:
+                mon.close()
+            store = CaptureStore(folder, 1 << 30, readonly=True)
+            try:
+                captured = list(store.samples("digits-cnn"))
+            finally:
+                store.close()
+            assert 4 <= len(captured) <= 25  # about 0.2 of 60
+            for s in captured:
+                i = int(s.request_id[1:])
+                assert np.array_equal(s.inputs["input"], xs[i]) and np.array_equal(s.outputs["logits"], ys[i])
+            state[way] += ([s.request_id for s in captured],)
+        one, batched = state["one by one"], state[form]
+        assert one[0] == batched[0] == 50  # the interval's budget of drift rows
+        assert np.array_equal(one[1], batched[1]) and np.array_equal(one[2], batched[2])
+        assert np.array_equal(one[1], np.concatenate(xs).reshape(-1, 64)[:50].astype(np.float64))
+        assert one[3] == batched[3] == [(len(y), y.argmax(axis=1).tolist()) for y in ys]
+        assert one[4] == batched[4]  # the same requests captured
+    finally:
+        repo.close()

@@ -111,7 +111,7 @@ class RecentPredictions:
     Per request it keeps only what a join needs (a classifier's predicted class per row, a
     regressor's output values) in numpy rings allocated once: nothing per request that the cyclic
     GC tracks (so no collection walks 100,000 entries) or that eviction frees (a slot is
-    overwritten). `put` only appends to a short list; every COMMIT predictions, and before
+    overwritten). `put_many` only extends three short lists; every COMMIT predictions, and before
     any read, they are written into the rings at once (one concatenate, one argmax). The id -> slot
     dict is built when feedback first reads the index (a server that gets no feedback never pays
     for it) and kept by each commit from then on. Its keys and values are str and int, so the GC
@@ -122,7 +122,10 @@ class RecentPredictions:
     def __init__(self, capacity: int, task: str = "auto"):
         self.capacity = capacity
         self.task = task  # classification | regression | auto: decided by the first prediction
-        self._pending: list[tuple[str, np.ndarray, float]] = []  # (id, output, time) put since the last commit
+        # Put since the last commit: ids, outputs and times, in three lists (a batch extends each once).
+        self._pending_ids: list[str] = []
+        self._pending_outs: list[np.ndarray] = []
+        self._pending_when: list[float] = []
         self._ids = np.empty(capacity, dtype=object)    # request id per slot (None: empty)
         self._when = np.zeros(capacity)
         self._labelled = np.zeros(capacity, dtype=bool)
@@ -135,17 +138,22 @@ class RecentPredictions:
         self._kept = False
 
     def put(self, request_id: str, output: np.ndarray, when: float) -> None:
-        pending = self._pending
-        pending.append((request_id, output, when))
-        if len(pending) >= COMMIT:
+        self.put_many([request_id], [output], when)
+
+    def put_many(self, request_ids: list[str], outputs: list[np.ndarray], when: float) -> None:
+        """One batch's predictions (service/monitor/hub.py puts each batch at once)."""
+        self._pending_ids += request_ids
+        self._pending_outs += outputs
+        self._pending_when += [when] * len(request_ids)
+        if len(self._pending_ids) >= COMMIT:
             self.commit()
 
     def commit(self) -> None:
         """Write the pending predictions into the rings (put does it every COMMIT; reads first)."""
-        if not self._pending:
+        if not self._pending_ids:
             return
-        rids, outs, whens = map(list, zip(*self._pending))
-        self._pending = []
+        rids, outs, whens = self._pending_ids, self._pending_outs, self._pending_when
+        self._pending_ids, self._pending_outs, self._pending_when = [], [], []
         cap = self.capacity
         if len(rids) > cap:
             rids, outs, whens = rids[-cap:], outs[-cap:], whens[-cap:]

@@ -1,22 +1,24 @@
 """The monitor: what the infer path hands over, and the background worker that does the rest.
 
-Request path (`Monitor.observe`, on the event loop, after the response is encoded): the
-prediction into the recent-predictions index (one tuple appended; every 256 requests one
-vectorized write into its numpy rings, service/monitor/feedback.py), a countdown to the next
-captured request, and for a sampled request one append to a bounded deque — never a lock, a
-write or a wait. A full deque drops the sample and counts it
-(kiln_capture_samples_total{result="dropped"}). Drift rows (the first `every` rows of each
-`min_interval_s`: one evaluation's worth) are copied in place into one block per model, which goes
-to the worker as one item when it is full, when the next interval starts, or when it has waited
-IDLE_S (the worker asks the loop for it): one item an evaluation rather than one per request (each
-holding its outputs until the worker came by).
+Request path, in two halves. Per request (`Monitor.watch`, before the request is queued): the
+model's monitor and the request's id, handed to the batcher with the request. Per batch
+(`ModelMonitor.observe`, which the batcher calls on the event loop once the batch's futures hold
+their results, service/batcher.py): the batch's predictions into the recent-predictions index
+(three list extends; every 256 predictions one vectorized write into its numpy rings,
+service/monitor/feedback.py), the capture countdown, and for a captured request one append to a
+bounded deque — never a lock, a write or a wait, and paid once per batch rather than once per
+request. A full deque drops the sample and counts it (kiln_capture_samples_total{result="dropped"}).
+Drift rows (the first `every` rows of each `min_interval_s`: one evaluation's worth) are copied
+from the batch's input arrays into one block per model, which goes to the worker as one item when
+it is full, when the next interval starts, or when it has waited IDLE_S (the worker asks the loop
+for it): one item an evaluation rather than one per request.
 
 Worker thread (`kiln-monitor`): asleep until a batch's worth (WAKE_AT items) is queued, or at most
 IDLE_S, so it takes the GIL and the core a few times a second rather than polling; it drains the
 deque into the drift windows (service/monitor/drift.py), the capture store
 (service/monitor/store.py, one commit a second) and the CloudEvents sink (service/monitor/sink.py).
-Feedback (`Monitor.feedback`) is joined on the event loop, against the same index the infer path
-writes, so it needs no lock either (a large body is looked up there and scored in a thread).
+Feedback (`Monitor.feedback`) is joined on the event loop, against the same index the batches
+write, so it needs no lock either (a large body is looked up there and scored in a thread).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import numpy as np
 import orjson
 
 from .. import metrics as server_metrics
+from ..batcher import Served, Watch
 from ..errors import InvalidInput
 from ..logs import REQUEST
 from ..logs import request_id as new_request_id
@@ -109,7 +112,8 @@ class ModelMonitor:
         self._block_out: np.ndarray | None = None  # None: some output did not fit (no classes)
         self._block_rows = 0
         self._block_since = 0.0
-        self._hand_over = hub._hand_over
+        self._hand_over, self._room = hub._hand_over, hub._room
+        self.observer = self.observe  # what watch() hands the batcher: one bound method, made once
         # Capture: a countdown to the next captured request, its gaps drawn from the geometric
         # distribution: the same requests as one random draw per request would pick, without the draw.
         self._random = hub._random
@@ -136,14 +140,49 @@ class ModelMonitor:
             return 1
         return 1 + math.floor(math.log(1.0 - self._random()) / math.log1p(-rate))
 
-    def take_drift(self, inputs: dict[str, np.ndarray], output: np.ndarray | None, now: float) -> None:
-        """The request's rows into the interval's drift block, while this interval's budget lasts
-        (a full block goes to the worker and the rest of the request's rows start the next one)."""
+    def observe(self, served: Served) -> None:
+        """One batch's answered requests (service/batcher.py, on the event loop): their predictions
+        into the index, the capture countdown, and their rows while drift wants them."""
+        now = time.time()
+        ids, outputs = served.ids, served.outputs
+        n = len(ids)
+        name = self.output
+        if name is not None and name in outputs[0]:
+            self.recent.put_many(ids, [o[name] for o in outputs], now)
+        self.capture_in -= n
+        while self.capture_in <= 0:  # the request the countdown reached (1 = the batch's first)
+            i = n - 1 + self.capture_in
+            self.capture_in += self.capture_gap()
+            self._capture(served, i, now)
+        if self.drift_budget > 0 or now >= self.drift_reset:
+            self.take_drift(served, now)
+
+    def _capture(self, served: Served, i: int, now: float) -> None:
+        if not self._room():
+            self.dropped.inc()
+            return
+        # Copied now: a binary request's inputs are views of a staging slab, which is reused
+        # (warm, without page faults) only once nothing refers to it (service/staging.py).
+        inputs = {k: np.array(v) for k, v in served.inputs[i].items()}
+        self._hand_over((self, served.ids[i], now, served.seconds[i], inputs, served.outputs[i]))
+
+    def take_drift(self, served: Served, now: float) -> None:
+        """The batch's rows into the interval's drift block, while this interval's budget lasts: the
+        batch's own arrays at once when it holds no one else's rows, else request by request."""
         if self._drift_state == "off":  # the worker found no usable reference: no more rows
             self.drift_budget, self.drift_reset = 0, math.inf
             return
-        if self.drift_rate < 1.0 and self._random() >= self.drift_rate:
+        if served.batch_inputs is not None and self.drift_rate >= 1.0:
+            self._take_rows(served.batch_inputs, served.batch_outputs.get(self.output), now)
             return
+        for inputs, outputs in zip(served.inputs, served.outputs):
+            if self.drift_rate < 1.0 and self._random() >= self.drift_rate:
+                continue
+            self._take_rows(inputs, outputs.get(self.output), now)
+
+    def _take_rows(self, inputs: dict[str, np.ndarray], output: np.ndarray | None, now: float) -> None:
+        """These arrays' rows into the block (a full block goes to the worker, and the rest of the
+        rows start the next one)."""
         if now >= self.drift_reset:
             self.hand_over_block()  # the last interval's rows
             self.drift_reset, self.drift_budget = now + self.drift_interval, self.drift_rows
@@ -352,34 +391,35 @@ class Monitor:
         mm_metrics.forget(model, version)
 
     # -- the infer path ---------------------------------------------------------------------------
-    def observe(self, mv, request_id: str | None, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
-                start: float) -> None:
-        """One answered request. `request_id`: the v2 request's `id`, else the x-request-id.
-        Every request pays for this much (kept short: it runs once per request on the event loop):
-        the prediction into the index, the capture countdown, whether drift wants rows now."""
+    def watch(self, mv, request_id: str | None, start: float) -> Watch | None:
+        """What the infer path hands the batcher with a request (service/infer.py): the model's
+        observer, the request's id (the v2 request's `id`, else the x-request-id Kiln assigned) and
+        its start; None when the model is not monitored. Kept short: it runs once per request."""
         try:
             mon = self._last
             if mon is None or mon.mv is not mv:
                 mon = self._monitor_of(mv)
             if not mon.enabled:
-                return
+                return None
             if not request_id:  # no v2 id (gRPC sends ""): the id Kiln assigned (x-request-id)
                 ctx = REQUEST.get()
                 request_id = ctx[0] if ctx is not None else new_request_id(None)
-            now = time.time()
-            out = outputs.get(mon.output)
-            if out is not None:
-                mon.recent.put(request_id, out, now)
-            mon.capture_in -= 1
-            # Neither captured nor wanted by drift (this interval's rows all taken, or drift off).
-            if mon.capture_in > 0 and mon.drift_budget <= 0 and now < mon.drift_reset:
-                return
-            self._sample(mon, request_id, inputs, outputs, out, now, start)
+            return mon.observer, request_id, start
         except Exception:  # monitoring must never fail a request
-            log.exception("monitor: observing a request of %s failed", mv.name)
+            log.exception("monitor: watching a request of %s failed", mv.name)
+            return None
+
+    def observe(self, mv, request_id: str | None, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
+                start: float) -> None:
+        """One answered request handed over outside a batcher (in-process tests and benchmarks):
+        the path every batch takes, for a batch of this one request."""
+        watch = self.watch(mv, request_id, start)
+        if watch is not None:
+            observer, rid, _ = watch
+            observer(Served([rid], [inputs], [outputs], [time.perf_counter() - start], inputs, outputs))
 
     def _monitor_of(self, mv) -> ModelMonitor:
-        """observe's model lookup when the request is not for the last request's model version."""
+        """watch's model lookup when the request is not for the last request's model version."""
         mon = self._models.get((mv.name, mv.version))
         if mon is None or mon.mv is not mv:
             mon = self.for_model(mv)
@@ -391,23 +431,9 @@ class Monitor:
                 pass
         return mon
 
-    def _sample(self, mon: ModelMonitor, request_id: str, inputs: dict[str, np.ndarray],
-                outputs: dict[str, np.ndarray], out: np.ndarray | None, now: float, start: float) -> None:
-        """A request that is captured, or whose rows drift wants (observe decided)."""
-        capture = mon.capture_in <= 0
-        if capture:
-            mon.capture_in = mon.capture_gap()
-        if mon.drift_budget > 0 or now >= mon.drift_reset:
-            mon.take_drift(inputs, out, now)
-        if not capture:
-            return
-        if len(self._queue) >= self.queue_size:
-            mon.dropped.inc()
-            return
-        # Copied now: a binary request's inputs are views of a staging slab, which is reused
-        # (warm, without page faults) only once nothing refers to it (service/staging.py).
-        inputs = {k: np.array(v) for k, v in inputs.items()}
-        self._hand_over((mon, request_id, now, time.perf_counter() - start, inputs, outputs))
+    def _room(self) -> bool:
+        """Whether the hand-off queue takes another item."""
+        return len(self._queue) < self.queue_size
 
     def _hand_over(self, item: tuple) -> None:
         """Queue an item for the worker (the event loop's side: a deque append, no lock). A full

@@ -109,8 +109,8 @@ class Sample:
     model: str
     version: str
     request_id: str
-    time: float          # Unix seconds when the response was ready
-    latency_s: float     # server-side, body received → response encoded
+    time: float          # Unix seconds when the outputs were ready
+    latency_s: float     # server-side, body received → outputs ready (its batch done)
     inputs: dict[str, np.ndarray]
     outputs: dict[str, np.ndarray]
 
