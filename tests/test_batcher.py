@@ -57,6 +57,16 @@ class Gated:
         pass
 
 
+class Broken:
+    """A runner whose every batch fails."""
+
+    def infer(self, inputs):
+        raise RuntimeError("boom")
+
+    def close(self):
+        pass
+
+
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
     return linear_model(tmp_path_factory.mktemp("lin") / "lin.onnx")
@@ -337,13 +347,6 @@ def test_cost_curve_interpolates():
 
 
 def test_runner_error_fails_only_that_batch(model_path):
-    class Broken:
-        def infer(self, inputs):
-            raise RuntimeError("boom")
-
-        def close(self):
-            pass
-
     b = Batcher("lin", "1", [Broken()], BatchPolicy(4, 0.0, (), 10))
 
     async def main():
@@ -585,13 +588,6 @@ def test_observer_skips_failed_batches_and_timed_out_requests_and_cannot_fail_on
     assert [o[0]["y"].shape for o in out] == [(1, 4), (2, 4)]
     assert [s.ids for s in seen] == [["first", "kept"]]  # one batch, without the timed-out request
     assert seen[0].batch_inputs is None and [x["x"].shape for x in seen[0].inputs] == [(1, 16), (2, 16)]
-
-    class Broken:
-        def infer(self, inputs):
-            raise RuntimeError("boom")
-
-        def close(self):
-            pass
 
     broken = Batcher("lin", "1", [Broken()], BatchPolicy(4, 0.0, (), 10))
     calls: list = []
