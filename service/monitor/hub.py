@@ -420,10 +420,7 @@ class Monitor:
 
     def _monitor_of(self, mv) -> ModelMonitor:
         """watch's model lookup when the request is not for the last request's model version."""
-        mon = self._models.get((mv.name, mv.version))
-        if mon is None or mon.mv is not mv:
-            mon = self.for_model(mv)
-        self._last = mon
+        mon = self._last = self.for_model(mv)
         if self._loop is None:  # the loop that owns the drift blocks (see _run)
             try:
                 self._loop = asyncio.get_running_loop()
