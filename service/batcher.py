@@ -92,18 +92,41 @@ class Calibration:
 Watch = tuple[Callable[["Served"], None], str, float]
 
 
-@dataclass(frozen=True, eq=False)
 class Served:
-    """The observed requests of one executed batch, in batch order (see "Observing" above)."""
+    """The observed requests of one executed batch, in batch order (see "Observing" above).
 
-    ids: list[str]
-    inputs: list[dict[str, np.ndarray]]    # each request's own inputs
-    outputs: list[dict[str, np.ndarray]]   # each request's own outputs
-    seconds: list[float]                   # each request's start → its outputs ready
-    # The whole batch's inputs and outputs (rows in the order above), when these requests are the
-    # whole batch; else None (some request was not observed, or timed out before its result).
-    batch_inputs: dict[str, np.ndarray] | None = None
-    batch_outputs: dict[str, np.ndarray] | None = None
+    ids and outputs are what every observation reads (the index); each request's inputs and
+    latency only a captured one needs, so a batch's are listed only when asked for."""
+
+    __slots__ = ("ids", "outputs", "batch_inputs", "batch_outputs", "_items", "_done", "_inputs", "_seconds")
+
+    def __init__(self, ids: list[str], inputs: list[dict[str, np.ndarray]] | None,
+                 outputs: list[dict[str, np.ndarray]], seconds: list[float] | None,
+                 batch_inputs: dict[str, np.ndarray] | None = None,
+                 batch_outputs: dict[str, np.ndarray] | None = None, *, items: list | None = None,
+                 done: float = 0.0):
+        self.ids = ids
+        self.outputs = outputs                # each request's own outputs
+        # The whole batch's inputs and outputs (rows in the order above), when these requests are
+        # the whole batch; else None (some request was not observed, or timed out before its result).
+        self.batch_inputs = batch_inputs
+        self.batch_outputs = batch_outputs
+        self._items, self._done = items, done  # the batcher's (item, result) pairs, read on demand
+        self._inputs, self._seconds = inputs, seconds
+
+    @property
+    def inputs(self) -> list[dict[str, np.ndarray]]:
+        """Each request's own inputs."""
+        if self._inputs is None:
+            self._inputs = [it.inputs for it, _ in self._items]
+        return self._inputs
+
+    @property
+    def seconds(self) -> list[float]:
+        """Each request's start → its outputs ready."""
+        if self._seconds is None:
+            self._seconds = [self._done - it.watch[2] for it, _ in self._items]
+        return self._seconds
 
 
 @dataclass(eq=False)
@@ -527,7 +550,7 @@ def _deliver(results: list[tuple[_Item, Any]],
 
 
 def _resolve(items: list[tuple[_Item, Any]], batch=None) -> None:
-    watched = None
+    watched = 0
     for it, res in items:
         fut = it.future
         if fut.done():
@@ -537,29 +560,38 @@ def _resolve(items: list[tuple[_Item, Any]], batch=None) -> None:
             continue
         fut.set_result(res)
         if it.watch is not None:
-            if watched is None:
-                watched = []
-            watched.append((it, res[0]))
-    if watched:
-        _observe(watched, batch if len(watched) == len(items) else None)
+            watched += 1
+    if not watched:
+        return
+    if watched == len(items):  # every request answered here and watched: the batch as it is
+        _observe(items, batch)
+    else:  # the requests this call answered, without the batch's arrays
+        _observe([(it, res) for it, res in items if it.watch is not None and _answered(it.future, res)], None)
 
 
-def _observe(watched: list[tuple[_Item, dict[str, np.ndarray]]], batch) -> None:
+def _answered(fut: asyncio.Future, res: Any) -> bool:
+    """Whether this result is what the (done) future holds: not a timeout or a cancel that came first."""
+    return not fut.cancelled() and fut.exception() is None and fut.result() is res
+
+
+def _observe(answered: list[tuple[_Item, Any]], batch) -> None:
     """Hand the answered, observed requests to their observer (one per model version, in practice
     one per batch). An observer that raises loses its batch's observation, never a response."""
     now = time.perf_counter()
-    observer = watched[0][0].watch[0]
-    if any(it.watch[0] != observer for it, _ in watched):  # bound methods: equal, not identical
-        groups: dict[Any, list] = {}
-        for entry in watched:
-            groups.setdefault(entry[0].watch[0], []).append(entry)
-        parts = [(obs, group, None) for obs, group in groups.items()]
+    observer = answered[0][0].watch[0]
+    for it, _ in answered:
+        obs = it.watch[0]
+        if obs is not observer and obs != observer:  # bound methods: equal, not always identical
+            groups: dict[Any, list] = {}
+            for entry in answered:
+                groups.setdefault(entry[0].watch[0], []).append(entry)
+            parts = [(obs, group, None) for obs, group in groups.items()]
+            break
     else:
-        parts = [(observer, watched, batch)]
+        parts = [(observer, answered, batch)]
     for obs, group, whole in parts:
-        served = Served([it.watch[1] for it, _ in group], [it.inputs for it, _ in group], [out for _, out in group],
-                        [now - it.watch[2] for it, _ in group],
-                        *(whole if whole is not None else (None, None)))
+        served = Served([it.watch[1] for it, _ in group], None, [res[0] for _, res in group], None,
+                        *(whole if whole is not None else (None, None)), items=group, done=now)
         try:
             obs(served)
         except Exception:

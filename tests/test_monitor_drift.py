@@ -220,6 +220,47 @@ def test_recent_predictions_evict_oldest_first_and_join_exactly_across_shapes(ta
         assert q.value() == float(np.mean(expected))
 
 
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_a_batch_put_as_its_rows_is_indexed_as_its_requests_one_by_one(task):
+    """put_rows (a batch's one output array, a row per request) leaves the index as put_many of the
+    same requests' own outputs would: batches first (the layout chosen from a batch), mixed with
+    multi-row and other-dtype requests (which split the pending batches), and across the ring's wrap."""
+    rng = np.random.default_rng(5)
+    width = 10 if task == "classification" else 3
+    rows_first, one_by_one = RecentPredictions(250, task), RecentPredictions(250, task)
+    served, i = {}, 0
+    for b in range(120):
+        n = int(rng.integers(1, 9))
+        dtype = np.float64 if b % 13 == 5 else np.float32
+        block = rng.normal(size=(n, width)).astype(dtype)
+        ids = [f"b{i + k}" for k in range(n)]
+        i += n
+        rows_first.put_rows(ids, block, float(b))
+        one_by_one.put_many(ids, [block[k:k + 1] for k in range(n)], float(b))
+        served.update({rid: block[k:k + 1].copy() for k, rid in enumerate(ids)})
+        if b % 17 == 3:  # a request of two rows between batches
+            out = rng.normal(size=(2, width)).astype(np.float32)
+            rid = f"b{i}"
+            i += 1
+            for r in (rows_first, one_by_one):
+                r.put(rid, out, float(b))
+            served[rid] = out
+    every = list(served)
+    want, got = one_by_one.lookup(every), rows_first.lookup(every)
+    assert sum(p is not None for p in got) == 250 and got[-1] is not None and got[0] is None
+    for rid, p, q in zip(every, got, want):
+        assert (p is None) == (q is None), rid
+        if p is None:
+            continue
+        assert (p.rows, p.when, p.labelled) == (q.rows, q.when, q.labelled)
+        if task == "classification":
+            assert p.classes.tolist() == q.classes.tolist() == served[rid].argmax(axis=1).tolist()
+        else:
+            assert p.values.dtype == q.values.dtype == served[rid].dtype
+            np.testing.assert_array_equal(p.values, served[rid])
+            np.testing.assert_array_equal(q.values, served[rid])
+
+
 def test_feedback_bodies_parse_and_bad_ones_say_what_is_wrong():
     assert [(i, a.tolist()) for i, a in parse(b'{"id": "a", "label": 3}')] == [("a", 3)]
     assert len(parse(b'[{"id": "a", "label": 3}, {"id": 7, "label": "seven"}]')) == 2

@@ -104,6 +104,14 @@ class Prediction(NamedTuple):
     labelled: bool                 # a label was already joined to it
 
 
+def _per_request(outs: list[np.ndarray], blocks: list[int]) -> list[np.ndarray]:
+    """Pending outputs with each batch entry (put_rows) split into its requests' one-row views."""
+    if not blocks:
+        return outs
+    at = set(blocks)
+    return [row for i, o in enumerate(outs) for row in ([o[j:j + 1] for j in range(len(o))] if i in at else (o,))]
+
+
 class RecentPredictions:
     """The last `capacity` predictions by request id (any request, sampled or not), for joining
     feedback. Written and read on the event loop only: no lock.
@@ -126,6 +134,7 @@ class RecentPredictions:
         self._pending_ids: list[str] = []
         self._pending_outs: list[np.ndarray] = []
         self._pending_when: list[float] = []
+        self._pending_blocks: list[int] = []  # positions in _pending_outs holding several requests' rows (put_rows)
         self._ids = np.empty(capacity, dtype=object)    # request id per slot (None: empty)
         self._when = np.zeros(capacity)
         self._labelled = np.zeros(capacity, dtype=bool)
@@ -141,10 +150,22 @@ class RecentPredictions:
         self.put_many([request_id], [output], when)
 
     def put_many(self, request_ids: list[str], outputs: list[np.ndarray], when: float) -> None:
-        """One batch's predictions (service/monitor/hub.py puts each batch at once)."""
+        """Predictions, each request's own output (service/monitor/hub.py puts each batch at once)."""
         self._pending_ids += request_ids
         self._pending_outs += outputs
         self._pending_when += [when] * len(request_ids)
+        if len(self._pending_ids) >= COMMIT:
+            self.commit()
+
+    def put_rows(self, request_ids: list[str], rows: np.ndarray, when: float) -> None:
+        """A batch's predictions as its one output array, a row per request (what the batcher
+        executed): one pending entry for the batch, not one view per request."""
+        n = len(request_ids)
+        self._pending_ids += request_ids
+        self._pending_when += [when] * n
+        if n > 1:
+            self._pending_blocks.append(len(self._pending_outs))
+        self._pending_outs.append(rows)
         if len(self._pending_ids) >= COMMIT:
             self.commit()
 
@@ -152,10 +173,11 @@ class RecentPredictions:
         """Write the pending predictions into the rings (put does it every COMMIT; reads first)."""
         if not self._pending_ids:
             return
-        rids, outs, whens = self._pending_ids, self._pending_outs, self._pending_when
-        self._pending_ids, self._pending_outs, self._pending_when = [], [], []
+        rids, outs, whens, blocks = self._pending_ids, self._pending_outs, self._pending_when, self._pending_blocks
+        self._pending_ids, self._pending_outs, self._pending_when, self._pending_blocks = [], [], [], []
         cap = self.capacity
         if len(rids) > cap:
+            outs, blocks = _per_request(outs, blocks), []
             rids, outs, whens = rids[-cap:], outs[-cap:], whens[-cap:]
         n = len(rids)
         start = self._written % cap
@@ -168,17 +190,20 @@ class RecentPredictions:
             slot_of.update(zip(rids, range(start, start + n)) if start + n <= cap
                            else zip(rids, slots.tolist()))
         self._written += n
-        self._ids[slots] = rids
-        self._when[slots] = whens
+        # fromiter: no type discovery over the list, which costs more than the copy
+        self._ids[slots] = np.fromiter(rids, dtype=object, count=n)
+        self._when[slots] = np.fromiter(whens, dtype=np.float64, count=n)
         self._labelled[slots] = False
         if self._owned:
             self._own[slots] = None
         if self._layout is None:
+            outs, blocks = _per_request(outs, blocks), []
             self._choose_layout(outs)
-        rows = self._rows_of(outs, n) if self._layout is not None else None
+        rows = self._rows_of(outs, n, bool(blocks)) if self._layout is not None else None
         if rows is not None:
             self._ring[slots] = rows
             return
+        outs = _per_request(outs, blocks)
         self._owned = True
         index = np.arange(cap)[slots]
         shape, dtype = self._layout or ((), None)
@@ -191,21 +216,22 @@ class RecentPredictions:
             if not fit:
                 own[index[i]] = self._compact(output)
 
-    def _rows_of(self, outs: list[np.ndarray], n: int) -> np.ndarray | None:
-        """The ring rows of n predictions that all have the ring's layout (one concatenate), else None."""
+    def _rows_of(self, outs: list[np.ndarray], n: int, blocks: bool) -> np.ndarray | None:
+        """The ring rows of n predictions that all have the ring's layout (one concatenate), else None.
+        `blocks`: some entries are a batch's rows (put_rows), so each prediction must be one row."""
         shape, dtype = self._layout
         try:
-            if not shape or set(map(len, outs)) != {shape[0]}:
+            if not shape or (shape[0] != 1 if blocks else set(map(len, outs)) != {shape[0]}):
                 return None
             stack = np.concatenate(outs)
         except (TypeError, ValueError):  # a 0-d output, or another trailing shape
             return None
-        if stack.shape[1:] != shape[1:]:
+        if stack.shape[1:] != shape[1:] or (blocks and len(stack) != n):
             return None
         stack = stack.reshape(n, -1)
         if self._ring.ndim == 1:
             return stack.argmax(axis=1)
-        if stack.dtype != dtype or [o.dtype for o in outs].count(dtype) != n:
+        if stack.dtype != dtype or [o.dtype for o in outs].count(dtype) != len(outs):
             return None  # values are kept exactly: no item cast to another dtype
         return stack
 

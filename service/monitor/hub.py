@@ -147,8 +147,13 @@ class ModelMonitor:
         ids, outputs = served.ids, served.outputs
         n = len(ids)
         name = self.output
-        if name is not None and name in outputs[0]:
-            self.recent.put_many(ids, [o[name] for o in outputs], now)
+        if name is not None:
+            block = served.batch_outputs.get(name) if served.batch_outputs is not None else None
+            if (block is not None and self.batched and block.ndim and len(block) == n
+                    and len(next(iter(served.batch_inputs.values()))) == n):  # n rows for n requests: one each
+                self.recent.put_rows(ids, block, now)
+            elif name in outputs[0]:
+                self.recent.put_many(ids, [o[name] for o in outputs], now)
         self.capture_in -= n
         while self.capture_in <= 0:  # the request the countdown reached (1 = the batch's first)
             i = n - 1 + self.capture_in
