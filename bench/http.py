@@ -238,7 +238,8 @@ def run_group(base: str, targets: list[Target], formats: list[str], conc: list[i
                 print(fmt_row(r), flush=True)
 
 
-def start_kiln(model_names: list[str], env: dict[str, str] | None = None, grpc: bool = False):
+def start_kiln(model_names: list[str], env: dict[str, str] | None = None, grpc: bool = False,
+               cpu: int = SERVER_CPU, prefix: list[str] = ()):
     repo = models.build_repo(model_names)
     log_dir = WORK / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -248,7 +249,7 @@ def start_kiln(model_names: list[str], env: dict[str, str] | None = None, grpc: 
     env = {"KILN_MONITOR_DIR": tempfile.mkdtemp(prefix="kiln-", dir=WORK / "monitor"), **(env or {})}
     return start_server(repo, WORK / "cache", log_dir=log_dir,
                         args=["--models", ",".join(model_names), "--log-level", "warning"],
-                        cpu=SERVER_CPU, timeout=900, env=env, grpc=grpc)
+                        cpu=cpu, timeout=1800 if prefix else 900, env=env, grpc=grpc, prefix=prefix)
 
 
 def main(argv: list[str] | None = None) -> int:

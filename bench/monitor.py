@@ -7,6 +7,7 @@ every request.
     python -m bench.monitor --no-http         # only the in-process cost of the hand-off and the worker
     python -m bench.monitor --paired          # two servers on one core at once: off vs the default rate
     python -m bench.monitor --paired --pairs 20 --rounds 3 --seconds 2   # 20 fresh pairs: a 95% interval of about ±2%
+    python -m bench.monitor --instructions --seconds 40   # instructions per request under callgrind: off vs default
 
 It runs bench.http (wrk, server pinned to core 0, the variants interleaved round by round) with
 one Kiln per setting and prints each setting's req/s and p99 against monitoring off. Target: at
@@ -231,6 +232,85 @@ def paired(fmt: str, a: str, b: str, rounds: int, seconds: float, conns: int, mo
     return out
 
 
+def instructions(settings: list[str], seconds: float, conns: int, model: str = "digits-cnn") -> list[dict]:
+    """User-space instructions per request, counted by callgrind: deterministic where timings on
+    this VM are not. Each setting's server runs under valgrind on a core of its own, counting only
+    while wrk drives it. The event loop's instructions are per request; the other threads' (the
+    monitor's worker: drift evaluations, writes) are per second, since valgrind slows the requests
+    about 50x but not the worker's once-a-second work — divide by a real server's req/s to get
+    their share of a request. KILN_INLINE_MAX_MS keeps the model inline on the loop, as it runs
+    at full speed (the slowed warm-up would move it to runner threads)."""
+    import re
+    import shutil
+    import tempfile
+    import threading
+    import subprocess
+    import urllib.request
+
+    if not shutil.which("valgrind"):
+        raise SystemExit("valgrind not found: apt-get install -y valgrind")
+    body, path = http.bodies(model)["binary"], f"/v2/models/{model}/infer"
+    out = Path(tempfile.mkdtemp(prefix="callgrind-", dir=WORK))
+    servers = []
+    try:
+        for i, setting in enumerate(settings):
+            env = {"KILN_INLINE_MAX_MS": "1000", **(dict([setting.split("=", 1)]) if "=" in setting else {})}
+            prefix = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
+                      f"--callgrind-out-file={out}/s{i}.out"]
+            servers.append(http.start_kiln([model], env=env, cpu=i % 2, prefix=prefix))
+
+        def batches(srv) -> tuple[float, float]:
+            text = urllib.request.urlopen(srv.url + "/metrics", timeout=60).read().decode()
+            count = sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith("kiln_batch_size_count"))
+            rows = sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith("kiln_batch_size_sum"))
+            return count, rows
+
+        for srv in servers:
+            http.wrk(srv.url, path, body, conns, 10)  # warm-up, not counted
+        before = [batches(srv) for srv in servers]
+        for srv in servers:
+            subprocess.run(["callgrind_control", "--instr=on", str(srv.proc.pid)], capture_output=True, check=True)
+        res: list[dict] = [{} for _ in servers]
+
+        def drive(i: int) -> None:
+            res[i] = http.wrk(servers[i].url, path, body, conns, seconds)
+
+        threads = [threading.Thread(target=drive, args=(i,)) for i in range(len(servers))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for srv in servers:
+            subprocess.run(["callgrind_control", "--instr=off", str(srv.proc.pid)], capture_output=True, check=True)
+            subprocess.run(["callgrind_control", "--dump", str(srv.proc.pid)], capture_output=True, check=True)
+        after = [batches(srv) for srv in servers]
+    finally:
+        for srv in servers:
+            srv.stop()
+    rows_out = []
+    for i, setting in enumerate(settings):
+        per_thread: dict[int, int] = {}
+        for f in out.glob(f"s{i}.out*"):
+            m = re.search(r"-(\d+)$", f.name)
+            totals = [int(x.split()[1]) for x in f.read_text(errors="replace").splitlines()
+                      if x.startswith(("summary:", "totals:"))]
+            if m and totals:
+                per_thread[int(m.group(1))] = per_thread.get(int(m.group(1)), 0) + max(totals)
+        n = max(1, res[i]["requests"])
+        count, rows = after[i][0] - before[i][0], after[i][1] - before[i][1]
+        main = per_thread.pop(1, 0)
+        rows_out.append({"setting": setting, "requests": n, "mean_batch": rows / max(count, 1),
+                         "loop_per_request": main / n, "other_threads_per_s": sum(per_thread.values()) / seconds})
+    base = rows_out[0]["loop_per_request"]
+    print("| setting | requests | mean batch | event loop, instructions per request | vs first | "
+          "other threads, instructions per second |\n|---|---|---|---|---|---|")
+    for r in rows_out:
+        print(f"| {r['setting']} | {r['requests']:,} | {r['mean_batch']:.1f} | {r['loop_per_request']:,.0f} | "
+              f"{r['loop_per_request'] - base:+,.0f} ({100 * (r['loop_per_request'] / base - 1):+.1f}%) | "
+              f"{r['other_threads_per_s'] / 1e6:.2f} M |", flush=True)
+    return rows_out
+
+
 def mean_ci(ratios: list[float]) -> tuple[float, float, float]:
     """Geometric mean of ratios and its 95% confidence interval (t on the logs)."""
     import numpy as np
@@ -261,7 +341,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paired-a", default=OFF, help="--paired: the baseline server's setting")
     ap.add_argument("--paired-b", default="default", help="--paired: the compared server's setting "
                     "(ENV=VALUE, or 'default')")
+    ap.add_argument("--instructions", action="store_true",
+                    help="instructions per request under callgrind (valgrind), --paired-a against --paired-b, "
+                         "the two servers at once, one core each, --seconds counted (40 is enough)")
     args = ap.parse_args(argv)
+    if args.instructions:
+        out = instructions([args.paired_a, args.paired_b], args.seconds, int(args.concurrency.split(",")[0]),
+                           args.models.split(",")[0])
+        Path(args.out).write_text(json.dumps({"instructions": out}, indent=1))
+        return 0
     if args.paired:
         conns = max(1, int(args.concurrency.split(",")[0]) // 2)
         print(f"paired: {args.pairs} pair(s) of servers × {args.rounds} rounds of {args.seconds:g} s, {conns} "

@@ -88,15 +88,17 @@ class Server:
 
 def start_server(repo: Path | None = DEFAULT_REPO, cache_dir: Path | None = None, *, log_dir: Path, args: list[str] = (),
                  env: dict[str, str] | None = None, wait: bool = True, timeout: float = 180.0,
-                 cpu: int | None = None, grpc: bool = False, nofile: int | None = None) -> Server:
+                 cpu: int | None = None, grpc: bool = False, nofile: int | None = None,
+                 prefix: list[str] = ()) -> Server:
     """`grpc`: serve gRPC on a free port too (off otherwise, so parallel servers never race for 8001).
-    `nofile`: the server's RLIMIT_NOFILE (what `ulimit -n` sets)."""
+    `nofile`: the server's RLIMIT_NOFILE (what `ulimit -n` sets). `prefix`: a command the server runs
+    under (valgrind, for bench.monitor --instructions)."""
     port = free_port()
     grpc_port = free_port() if grpc else 0
     cache_dir = cache_dir or (log_dir / "cache")
     log_path = log_dir / f"kiln-{port}.log"
     where = ["--repo", str(repo)] if repo is not None else []  # None: the args name the models (--model_dir)
-    cmd = [sys.executable, "-m", "service.cli", "serve", *where, "--port", str(port),
+    cmd = [*prefix, sys.executable, "-m", "service.cli", "serve", *where, "--port", str(port),
            "--cache-dir", str(cache_dir), "--grpc-port", str(grpc_port), *args]
     if cpu is not None and hasattr(os, "sched_setaffinity"):
         cmd = ["taskset", "-c", str(cpu), *cmd]
