@@ -43,9 +43,8 @@ SETTINGS = [(f"kiln ({OFF})", "off"), (f"kiln ({NO_CAPTURE})", "drift + feedback
 
 def in_process(calls: int = 20000, batch: int = 16) -> dict:
     """What monitoring costs per request, in-process and single-threaded (steadier than wrk on a
-    shared machine): Monitor.watch once per request and the model's observer once per batch of
-    `batch` requests (what the batcher calls, service/batcher.py), the worker's CPU per request,
-    and one drift evaluation (digits-cnn: 64 features, window 250, 128 reference rows)."""
+    shared machine): the model's observer once per batch of `batch` requests (what the batcher
+    calls, service/batcher.py), the worker's CPU per request, and one drift evaluation (digits-cnn: 64 features, window 250, 128 reference rows)."""
     import tempfile
     import threading
     import time
@@ -68,12 +67,11 @@ def in_process(calls: int = 20000, batch: int = 16) -> dict:
     outputs = [{"logits": logits[i:i + 1]} for i in range(batch)]
 
     def serve(mon: Monitor, tag: str, start: float) -> None:
-        """`calls` requests: a watch each, an observation per batch, built as the batcher builds it."""
+        """`calls` requests: an observation per batch, built as the batcher builds it."""
+        observer = mon.observer(mv)
         for b in range(calls // batch):
-            watches = [mon.watch(mv, f"{tag}-{b}-{i}", start) for i in range(batch)]
-            observer = watches[0][0]
-            observer(Served([w[1] for w in watches], inputs, outputs, [time.perf_counter() - start] * batch,
-                            {"input": xs}, {"logits": logits}))
+            observer(Served([f"{tag}-{b}-{i}" for i in range(batch)], inputs, outputs,
+                            [time.perf_counter() - start] * batch, {"input": xs}, {"logits": logits}))
 
     result = {}
     try:
@@ -95,7 +93,7 @@ def in_process(calls: int = 20000, batch: int = 16) -> dict:
             observe_us, worker_us = min(observe), min(work)
             mon.close()
             result[rate] = {"observe_us": observe_us, "worker_us": worker_us, "batch": batch}
-            print(f"  capture {rate:g}: watch + observe (batches of {batch}) {observe_us:.2f} µs CPU per request on "
+            print(f"  capture {rate:g}: observe (batches of {batch}) {observe_us:.2f} µs CPU per request on "
                   f"the event loop; worker {worker_us:.2f} µs CPU per request", flush=True)
     finally:
         repo.close()
@@ -167,6 +165,11 @@ def index_cost(capacity: int = 100_000) -> dict:
             "first_read_ms": first_read_ms}
 
 
+def setting_env(setting: str) -> dict[str, str]:
+    """The environment a setting names: "KILN_X=value", or none for "default"."""
+    return dict([setting.split("=", 1)]) if "=" in setting else {}
+
+
 def paired(fmt: str, a: str, b: str, rounds: int, seconds: float, conns: int, model: str = "digits-cnn",
            pairs: int = 1) -> dict:
     """Two servers on one core at the same time, each under its own wrk. Per round, two estimates of
@@ -181,14 +184,11 @@ def paired(fmt: str, a: str, b: str, rounds: int, seconds: float, conns: int, mo
     taken over the pairs (over the rounds when there is one pair)."""
     import threading
 
-    def env(setting: str) -> dict[str, str] | None:
-        return dict([setting.split("=", 1)]) if "=" in setting else None
-
     body, path = http.bodies(model)[fmt], f"/v2/models/{model}/infer"
     per_pair: list[tuple[list[float], list[float]]] = []
     for k in range(pairs):
         slots = (a, b) if k % 2 == 0 else (b, a)
-        started = [http.start_kiln([model], env=env(x)) for x in slots]
+        started = [http.start_kiln([model], env=setting_env(x) or None) for x in slots]
         servers = started if k % 2 == 0 else started[::-1]  # servers[0] runs a, servers[1] runs b
         pids = [http.all_pids(s.proc.pid) for s in servers]
         rps_ratios, cpu_ratios = [], []
@@ -254,7 +254,7 @@ def instructions(settings: list[str], seconds: float, conns: int, model: str = "
     servers = []
     try:
         for i, setting in enumerate(settings):
-            env = {"KILN_INLINE_MAX_MS": "1000", **(dict([setting.split("=", 1)]) if "=" in setting else {})}
+            env = {"KILN_INLINE_MAX_MS": "1000", **setting_env(setting)}
             prefix = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
                       f"--callgrind-out-file={out}/s{i}.out"]
             servers.append(http.start_kiln([model], env=env, cpu=i % 2, prefix=prefix))

@@ -22,11 +22,12 @@ the cheapest and the lowest-latency schedule for models of tens of microseconds.
 Without a `dynamic_batching` section (or with `max_batch_size: 0`) requests run one at a time
 on the runner pool, never merged.
 
-Observing: a request enqueued with `watch=(observer, request id, start)` is handed, with the others
-of its batch, to `observer(Served)` on its event loop once its future holds the result: one call per
-batch, with the batch's own input and output arrays, so what the monitor does per request
-(service/monitor/hub.py) is paid per batch. Only requests this batch answered are in it (not one
-that timed out first, not a failed batch).
+Observing: with an `observer` set (the model version's monitor, service/monitor/hub.py), a request
+enqueued with a request id is handed, with the others of its batch, to `observer(Served)` on its
+event loop once its future holds the result: one call per batch, with the batch's own input and
+output arrays, so what the monitor does per request is paid per batch, and the request path pays
+only for carrying the id. Only requests this batch answered are in it (not one that timed out
+first, not a failed batch, not one enqueued without an id: a rollout's shadow copy).
 
 Health: a runner thread that dies or an inline flush that raises (a bug, never a bad request: those
 fail their own batch) breaks the batcher. It then answers every queued and later request 503 at
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import os
 import queue
 import threading
@@ -63,7 +65,8 @@ from .batch_policy import (
 from .errors import KilnError, Unavailable
 from .staging import StagingSlabs, contiguous_runs, gather
 
-__all__ = ["REPLACE_AFTER_FAILURES", "BatchPolicy", "Batcher", "Calibration", "CostCurve", "InferenceFailed", "Served", "Watch"]
+__all__ = ["REPLACE_AFTER_FAILURES", "BatchPolicy", "Batcher", "Calibration", "CostCurve", "InferenceFailed", "Observer",
+           "Served"]
 
 log = logging.getLogger("kiln.batcher")
 
@@ -88,31 +91,33 @@ class Calibration:
     call_s: float = float("inf")    # a model call's fixed cost, beyond its rows
 
 
-# What a request asks its batch's observer for: (observer, request id, the request's perf_counter start).
-Watch = tuple[Callable[["Served"], None], str, float]
+# What sees each executed batch's observed requests (see "Observing" above).
+Observer = Callable[["Served"], None]
+
+_ITEM = operator.itemgetter(0)
+_REQUEST_ID = operator.attrgetter("request_id")
 
 
 class Served:
     """The observed requests of one executed batch, in batch order (see "Observing" above).
 
-    ids and outputs are what every observation reads (the index); each request's inputs and
-    latency only a captured one needs, so a batch's are listed only when asked for."""
+    ids are what every observation reads (the index); each request's own inputs, outputs and
+    latency only a captured one or a partial batch needs, so a batch's are listed only when asked for."""
 
-    __slots__ = ("ids", "outputs", "batch_inputs", "batch_outputs", "_items", "_done", "_inputs", "_seconds")
+    __slots__ = ("ids", "batch_inputs", "batch_outputs", "_items", "_done", "_inputs", "_outputs", "_seconds")
 
     def __init__(self, ids: list[str], inputs: list[dict[str, np.ndarray]] | None,
-                 outputs: list[dict[str, np.ndarray]], seconds: list[float] | None,
+                 outputs: list[dict[str, np.ndarray]] | None, seconds: list[float] | None,
                  batch_inputs: dict[str, np.ndarray] | None = None,
                  batch_outputs: dict[str, np.ndarray] | None = None, *, items: list | None = None,
                  done: float = 0.0):
         self.ids = ids
-        self.outputs = outputs                # each request's own outputs
         # The whole batch's inputs and outputs (rows in the order above), when these requests are
         # the whole batch; else None (some request was not observed, or timed out before its result).
         self.batch_inputs = batch_inputs
         self.batch_outputs = batch_outputs
         self._items, self._done = items, done  # the batcher's (item, result) pairs, read on demand
-        self._inputs, self._seconds = inputs, seconds
+        self._inputs, self._outputs, self._seconds = inputs, outputs, seconds
 
     @property
     def inputs(self) -> list[dict[str, np.ndarray]]:
@@ -122,10 +127,17 @@ class Served:
         return self._inputs
 
     @property
+    def outputs(self) -> list[dict[str, np.ndarray]]:
+        """Each request's own outputs."""
+        if self._outputs is None:
+            self._outputs = [res[0] for _, res in self._items]
+        return self._outputs
+
+    @property
     def seconds(self) -> list[float]:
         """Each request's start → its outputs ready."""
         if self._seconds is None:
-            self._seconds = [self._done - it.watch[2] for it, _ in self._items]
+            self._seconds = [self._done - it.start for it, _ in self._items]
         return self._seconds
 
 
@@ -137,7 +149,8 @@ class _Item:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     enqueued: float
-    watch: Watch | None = None
+    request_id: str | None = None  # observed under this id (None: not observed)
+    start: float = 0.0             # the request's perf_counter start, for its observed latency
 
 
 @dataclass(eq=False)
@@ -165,6 +178,7 @@ class Batcher:
         self._rebuild = rebuild
         self._on_batch = on_batch
         self._on_broken = on_broken
+        self.observer: Observer | None = None  # sees each batch's observed requests (see "Observing")
         self._lock = threading.Lock()
         self._pending: deque[_Item] = deque()
         self._rows = 0
@@ -224,15 +238,17 @@ class Batcher:
     def queue_depth(self) -> int:
         return len(self._pending)
 
-    async def submit(self, inputs: dict[str, np.ndarray],
-                     watch: Watch | None = None) -> tuple[dict[str, np.ndarray], float, float]:
+    async def submit(self, inputs: dict[str, np.ndarray], request_id: str | None = None,
+                     start: float = 0.0) -> tuple[dict[str, np.ndarray], float, float]:
         """Outputs for these inputs (this request's rows only), queue seconds, compute seconds."""
-        return await self.enqueue(inputs, watch)
+        return await self.enqueue(inputs, request_id, start)
 
-    def enqueue(self, inputs: dict[str, np.ndarray], watch: Watch | None = None) -> asyncio.Future:
+    def enqueue(self, inputs: dict[str, np.ndarray], request_id: str | None = None,
+                start: float = 0.0) -> asyncio.Future:
         """Queue these inputs; the future resolves to `submit`'s result. Completing or cancelling
         the future first (a timeout, service/limits.py) drops the request if it has not run yet.
-        `watch`: hand the request to this observer with its batch (see "Observing" above)."""
+        `request_id`, `start`: the request's id and perf_counter start, for the observer (see
+        "Observing" above)."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         if self.policy.batching:
@@ -242,7 +258,7 @@ class Batcher:
         else:
             rows, key = 1, ()
         now = time.perf_counter()
-        item = _Item(inputs, rows, key, fut, loop, now, watch)
+        item = _Item(inputs, rows, key, fut, loop, now, request_id, start)
         wake = None
         with self._lock:
             if self._closed:
@@ -452,7 +468,7 @@ class Batcher:
                        for k, v in outputs.items()}
                 offset += it.rows
                 results.append((it, (own, start - it.enqueued, compute)))
-        _deliver(results, None if error is not None else (inputs, outputs))
+        _deliver(results, None if error is not None else (inputs, outputs), self.observer)
 
     # -- failure handling -----------------------------------------------------------------------------
     def _replace_runner(self, w: _Worker) -> None:
@@ -526,9 +542,10 @@ def _copy_seconds_per_row(row: np.ndarray, rows: int) -> float:
 
 
 def _deliver(results: list[tuple[_Item, Any]],
-             batch: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None) -> None:
+             batch: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None,
+             observer: Observer | None = None) -> None:
     """Hand each item its result (or exception) on its own event loop: one call per loop.
-    `batch`: the executed batch's (inputs, outputs), for its observers."""
+    `batch`: the executed batch's (inputs, outputs), for its observer."""
     if not results:
         return
     first = results[0][0].loop
@@ -541,58 +558,46 @@ def _deliver(results: list[tuple[_Item, Any]],
     current = asyncio._get_running_loop()
     for loop, items in by_loop.items():
         if loop is current:
-            _resolve(items, batch)
+            _resolve(items, batch, observer)
             continue
         try:
-            loop.call_soon_threadsafe(_resolve, items, batch)
+            loop.call_soon_threadsafe(_resolve, items, batch, observer)
         except RuntimeError:  # the client's loop is gone
             pass
 
 
-def _resolve(items: list[tuple[_Item, Any]], batch=None) -> None:
-    watched = 0
+def _resolve(items: list[tuple[_Item, Any]], batch=None, observer: Observer | None = None) -> None:
+    """Complete the futures, then show the observer the requests answered here. Nothing per
+    request beyond that in the usual case: every one answered (counted by the exceptions) and observed."""
+    missed = 0
     for it, res in items:
         fut = it.future
         if fut.done():
+            missed += 1
             continue
         if isinstance(res, BaseException):
             fut.set_exception(res)
+            missed += 1
             continue
         fut.set_result(res)
-        if it.watch is not None:
-            watched += 1
-    if not watched:
+    if observer is None or missed == len(items):
         return
-    if watched == len(items):  # every request answered here and watched: the batch as it is
-        _observe(items, batch)
-    else:  # the requests this call answered, without the batch's arrays
-        _observe([(it, res) for it, res in items if it.watch is not None and _answered(it.future, res)], None)
+    if missed:  # a timeout came first, or a failed batch: the requests this call answered, without the batch's arrays
+        items = [(it, res) for it, res in items if _answered(it.future, res)]
+        batch = None
+    ids = list(map(_REQUEST_ID, map(_ITEM, items)))
+    if not all(ids):  # requests enqueued without an id (a rollout's shadow copies) are not observed
+        items = [entry for entry in items if entry[0].request_id is not None]
+        if not items:
+            return
+        ids, batch = [it.request_id for it, _ in items], None
+    inputs, outputs = batch if batch is not None else (None, None)
+    try:
+        observer(Served(ids, None, None, None, inputs, outputs, items=items, done=time.perf_counter()))
+    except Exception:  # an observer that raises loses its batch's observation, never a response
+        log.exception("observing a batch failed")
 
 
 def _answered(fut: asyncio.Future, res: Any) -> bool:
     """Whether this result is what the (done) future holds: not a timeout or a cancel that came first."""
     return not fut.cancelled() and fut.exception() is None and fut.result() is res
-
-
-def _observe(answered: list[tuple[_Item, Any]], batch) -> None:
-    """Hand the answered, observed requests to their observer (one per model version, in practice
-    one per batch). An observer that raises loses its batch's observation, never a response."""
-    now = time.perf_counter()
-    observer = answered[0][0].watch[0]
-    for it, _ in answered:
-        obs = it.watch[0]
-        if obs is not observer and obs != observer:  # bound methods: equal, not always identical
-            groups: dict[Any, list] = {}
-            for entry in answered:
-                groups.setdefault(entry[0].watch[0], []).append(entry)
-            parts = [(obs, group, None) for obs, group in groups.items()]
-            break
-    else:
-        parts = [(observer, answered, batch)]
-    for obs, group, whole in parts:
-        served = Served([it.watch[1] for it, _ in group], None, [res[0] for _, res in group], None,
-                        *(whole if whole is not None else (None, None)), items=group, done=now)
-        try:
-            obs(served)
-        except Exception:
-            log.exception("observing a batch failed")

@@ -19,6 +19,7 @@ from . import limits as _limits
 from . import metrics
 from .errors import InvalidInput, KilnError, PayloadTooLarge
 from .errors import error_reply as _error_reply
+from .logs import REQUEST, request_id
 from .model import ModelVersion
 from .protocol import (
     InferRequest,
@@ -100,9 +101,15 @@ class InferCore:
             mv.validate(req.inputs, req.datatypes)
             outputs_wanted = _requested_outputs(mv, req)
             decoded = time.perf_counter()
-            # The monitor sees the request with its batch (service/monitor/hub.py): one call per batch.
-            watch = self.monitor.watch(mv, req.id, start) if self.monitor is not None else None
-            result, queue_s, compute_s = await _limits.infer(mv, req, self.timeout_s, watch)
+            # The monitor sees the request with its batch (service/monitor/hub.py): one call per batch,
+            # by the v2 request's id, else the x-request-id Kiln assigned (gRPC sends "" for none).
+            if mv.monitor is not self.monitor and self.monitor is not None:
+                self.monitor.attach(mv)  # once per version: its observer (None: not monitored) into its batcher
+            rid = None
+            if mv.observer is not None and not (rid := req.id):
+                ctx = REQUEST.get()  # inline: a call per request is a measurable share of monitoring's cost
+                rid = ctx[0] if ctx is not None else request_id(None)
+            result, queue_s, compute_s = await _limits.infer(mv, req, self.timeout_s, rid, start)
             computed = time.perf_counter()
             reply = encode(mv, req, [
                 (name, classify(result[name], k, mv.labels) if k else result[name], binary)

@@ -56,12 +56,12 @@ def check_inputs(mv, inputs: dict[str, np.ndarray]) -> None:
                                    f"(limits.nonfinite: reject)")
 
 
-async def infer(mv, req, server_default_s: float, watch=None):
+async def infer(mv, req, server_default_s: float, request_id: str | None = None, start: float = 0.0):
     """The request through the model's batcher under its limits: (outputs, queue s, compute s).
-    `watch`: handed to the batcher (the monitor's observer, service/batcher.py)."""
+    `request_id`, `start`: for the model's monitor (service/batcher.py, "Observing")."""
     check_inputs(mv, req.inputs)
     timeout = request_timeout(mv, req.parameters, server_default_s)
-    fut = mv.enqueue(req.inputs, watch)
+    fut = mv.enqueue(req.inputs, request_id, start)
     if timeout is None:
         return await fut
     # A bare loop timer that fails the future (asyncio.timeout costs ~3 µs more per request).

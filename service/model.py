@@ -22,7 +22,7 @@ from backends.reference import Reference
 from backends.signature import read_facts, read_signature
 
 from . import metrics
-from .batcher import Batcher, BatchPolicy
+from .batcher import Batcher, BatchPolicy, Observer
 from .cache import CompileCache
 from .config import ModelConfig, TensorSpec
 from .errors import InvalidInput, Unavailable
@@ -71,6 +71,10 @@ class ModelVersion:
         # Requests using this version now (the infer route and rollout copies count them; drain waits).
         self.inflight = 0
         self._batcher: Batcher | None = None
+        # The monitor that looked at this version (service/monitor/hub.py attach) and the observer it
+        # gave its batcher: None when not monitored.
+        self.monitor: Any = None
+        self.observer: Observer | None = None
         self.executions = ExecutionStats()  # model calls by batch size (statistics extension)
         self._set_state("LOADING")
 
@@ -284,6 +288,7 @@ class ModelVersion:
         self._batcher = Batcher(self.name, self.version, list(attempt.runners), self.batch_policy(),
                                 rebuild=attempt.new_runner, on_batch=self.executions.record,
                                 on_broken=self._batcher_broken)
+        self._batcher.observer = self.observer
         sample = attempt.golden.warm_sample(self.config.max_batch_size > 0) if attempt.golden else None
         if sample is not None:
             self._batcher.calibrate(sample)
@@ -299,13 +304,20 @@ class ModelVersion:
         batcher = self._batcher
         return batcher.staging(nbytes) if batcher is not None else None
 
-    def enqueue(self, inputs: dict[str, np.ndarray], watch=None) -> asyncio.Future:
+    def enqueue(self, inputs: dict[str, np.ndarray], request_id: str | None = None,
+                start: float = 0.0) -> asyncio.Future:
         """Into the batcher; the future resolves to (outputs, queue seconds, compute seconds).
-        `watch`: the monitor's (observer, request id, start), see service/batcher.py."""
+        `request_id`, `start`: what the observer sees the request by (service/batcher.py)."""
         batcher = self._batcher
         if batcher is None:
             raise Unavailable(f"model '{self.name}' version {self.version} is not ready ({self.state})")
-        return batcher.enqueue(inputs, watch)
+        return batcher.enqueue(inputs, request_id, start)
+
+    def observe_with(self, monitor: Any, observer: Observer | None) -> None:
+        """The monitor's observer for this version's batches (None: not monitored)."""
+        self.monitor, self.observer = monitor, observer
+        if self._batcher is not None:
+            self._batcher.observer = observer
 
     def _close_runners(self) -> None:
         runners = list(self.runners)

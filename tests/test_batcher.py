@@ -502,10 +502,10 @@ def test_a_broken_batcher_says_so_at_once(model_path, mode, caplog):
 
 @pytest.mark.parametrize("mode", ["threads", "inline"])
 def test_observer_sees_each_batch_once_with_its_answered_requests(model_path, mode):
-    """enqueue(watch=...) hands the observer one Served per batch, on the event loop, after the
-    futures hold their results: each request's id, own inputs and outputs, and the whole batch's
-    arrays when the batch is exactly the observed requests. Unwatched requests (a rollout's shadow
-    copies) are left out, and then the batch arrays are not offered."""
+    """With an observer set, enqueue(request_id=...) hands it one Served per batch, on the event
+    loop, after the futures hold their results: each request's id, own inputs and outputs, and the
+    whole batch's arrays when the batch is exactly the observed requests. Requests without an id (a
+    rollout's shadow copies) are left out, and then the batch arrays are not offered."""
     b = Batcher("lin", "1", [ort_runner(model_path)], BatchPolicy(16, 0.004, (16,), 100))
     b.calibrate({"x": np.zeros((1, 16), np.float32)})
     b.inline = mode == "inline"
@@ -517,12 +517,13 @@ def test_observer_sees_each_batch_once_with_its_answered_requests(model_path, mo
         seen.append((threading.current_thread() is threading.main_thread(), served,
                      [loop_futures[i].done() for i in (int(r[1:]) for r in served.ids)]))
 
+    b.observer = observer
+
     loop_futures: list = []
 
     async def main():
         for i, x in enumerate(xs):  # one burst: the batcher merges them
-            watch = None if i % 10 == 9 else (observer, f"r{i}", time.perf_counter())
-            loop_futures.append(b.enqueue({"x": x}, watch))
+            loop_futures.append(b.enqueue({"x": x}, None if i % 10 == 9 else f"r{i}", time.perf_counter()))
         return await asyncio.gather(*loop_futures)
 
     try:
@@ -572,10 +573,12 @@ def test_observer_skips_failed_batches_and_timed_out_requests_and_cannot_fail_on
         seen.append(served)
         raise RuntimeError("observer bug")
 
+    b.observer = observer
+
     async def main():
         start = time.perf_counter()
         for rid, rows in (("first", 1), ("late", 1), ("kept", 2)):
-            futures[rid] = b.enqueue({"x": np.full((rows, 16), len(rid), np.float32)}, (observer, rid, start))
+            futures[rid] = b.enqueue({"x": np.full((rows, 16), len(rid), np.float32)}, rid, start)
         out = await asyncio.gather(futures["first"], futures["kept"])
         with pytest.raises(TimeoutError):
             await futures["late"]
@@ -591,10 +594,11 @@ def test_observer_skips_failed_batches_and_timed_out_requests_and_cannot_fail_on
 
     broken = Batcher("lin", "1", [Broken()], BatchPolicy(4, 0.0, (), 10))
     calls: list = []
+    broken.observer = calls.append
 
     async def fail():
         with pytest.raises(Exception, match="boom"):
-            await broken.submit({"x": np.ones((1, 16), np.float32)}, (calls.append, "x", 0.0))
+            await broken.submit({"x": np.ones((1, 16), np.float32)}, "x", 0.0)
 
     try:
         asyncio.run(fail())

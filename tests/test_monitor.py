@@ -31,7 +31,7 @@ from tests.kiln_server import DEFAULT_REPO, ROOT, start_server
 from tests.metrics_util import scrape, value
 
 CAP = 128 * 1024
-INFER_TOKEN, METRICS_TOKEN = "mon-infer-token", "mon-metrics-token"
+INFER_TOKEN, METRICS_TOKEN, REPO_TOKEN = "mon-infer-token", "mon-metrics-token", "mon-repo-token"
 AUTH = {"Authorization": f"Bearer {INFER_TOKEN}"}
 EVAL = DEFAULT_REPO / "digits-cnn" / "data" / "eval.npz"
 CALIB = DEFAULT_REPO / "digits-cnn" / "data" / "calib.npz"
@@ -94,7 +94,7 @@ def env(tmp_path_factory, sink):
     _variant(repo, "digits-drift", "monitor: {drift: {min_interval_s: 0}}\n")  # evaluated every 50 rows
     _variant(repo, "digits-off", "monitor: {enabled: false}\n")
     tokens = tmp / "tokens"
-    tokens.write_text(f"{INFER_TOKEN} infer\n{METRICS_TOKEN} metrics\n")
+    tokens.write_text(f"{INFER_TOKEN} infer\n{METRICS_TOKEN} metrics\n{REPO_TOKEN} repository\n")
     store = tmp / "store"
     srv = start_server(repo, log_dir=tmp, grpc=True,
                        args=["--auth-tokens-file", str(tokens), "--monitor-sample-rate", "0"],
@@ -237,6 +237,29 @@ def test_feedback_joins_unsampled_predictions_and_live_accuracy_equals_offline_a
     # The same labels again, one at a time through the version path: duplicates, not counted twice.
     r = http.post("/v2/models/digits-default/versions/1/feedback", json=feedback[0])
     assert r.status_code == 200 and r.json()["duplicate"] == 1 and r.json()["live"]["value"] == offline
+
+
+def test_a_model_loaded_again_is_observed_again_and_joins_feedback(env, data):
+    """A version's batcher gets the monitor's observer on the version's first request
+    (service/infer.py): a load builds new versions with new batchers, whose predictions must be
+    indexed too, and those of the version it replaced are gone with it."""
+    srv, http = env["srv"], env["http"]
+    x, y = data
+    for i in range(4):
+        assert http.post("/v2/models/digits-default/infer", json=body(x[i:i + 1], f"before-{i}")).status_code == 200
+    r = http.post("/v2/repository/models/digits-default/load", headers={"Authorization": f"Bearer {REPO_TOKEN}"})
+    assert r.status_code == 200, r.text
+    predicted = []
+    for i in range(8):
+        r = http.post("/v2/models/digits-default/infer", json=body(x[i:i + 1], f"again-{i}"))
+        assert r.status_code == 200, r.text
+        predicted.append(int(np.argmax(r.json()["outputs"][0]["data"])))
+    r = http.post("/v2/models/digits-default/feedback",
+                  json=[{"id": f"again-{i}", "label": int(y[i])} for i in range(8)] + [{"id": "before-0", "label": 1}])
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["joined"] == 8 and out["unmatched_ids"] == ["before-0"]
+    assert out["live"]["value"] == float(np.mean(np.asarray(predicted) == y[:8]))
 
 
 def test_grpc_requests_are_captured_and_take_feedback_through_the_same_core(env, data):

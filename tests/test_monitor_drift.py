@@ -497,8 +497,7 @@ def test_a_batch_leaves_the_monitor_as_its_requests_one_by_one_would(tmp_path, f
                     for size in sizes:
                         part = range(first, first + size)
                         whole = form == "whole batches"
-                        watches = [mon.watch(mv, f"r{i}", 0.0) for i in part]
-                        watches[0][0](Served([w[1] for w in watches], [{"input": xs[i]} for i in part],
+                        mon.observer(mv)(Served([f"r{i}" for i in part], [{"input": xs[i]} for i in part],
                                              [{"logits": ys[i]} for i in part], [0.001] * size,
                                              {"input": np.concatenate([xs[i] for i in part])} if whole else None,
                                              {"logits": np.concatenate([ys[i] for i in part])} if whole else None))

@@ -130,10 +130,12 @@ class RecentPredictions:
     def __init__(self, capacity: int, task: str = "auto"):
         self.capacity = capacity
         self.task = task  # classification | regression | auto: decided by the first prediction
-        # Put since the last commit: ids, outputs and times, in three lists (a batch extends each once).
+        # Put since the last commit: ids and outputs (a batch extends each once), and each put's time
+        # and count of predictions.
         self._pending_ids: list[str] = []
         self._pending_outs: list[np.ndarray] = []
         self._pending_when: list[float] = []
+        self._pending_count: list[int] = []
         self._pending_blocks: list[int] = []  # positions in _pending_outs holding several requests' rows (put_rows)
         self._ids = np.empty(capacity, dtype=object)    # request id per slot (None: empty)
         self._when = np.zeros(capacity)
@@ -153,7 +155,8 @@ class RecentPredictions:
         """Predictions, each request's own output (service/monitor/hub.py puts each batch at once)."""
         self._pending_ids += request_ids
         self._pending_outs += outputs
-        self._pending_when += [when] * len(request_ids)
+        self._pending_when.append(when)
+        self._pending_count.append(len(request_ids))
         if len(self._pending_ids) >= COMMIT:
             self.commit()
 
@@ -162,7 +165,8 @@ class RecentPredictions:
         executed): one pending entry for the batch, not one view per request."""
         n = len(request_ids)
         self._pending_ids += request_ids
-        self._pending_when += [when] * n
+        self._pending_when.append(when)
+        self._pending_count.append(n)
         if n > 1:
             self._pending_blocks.append(len(self._pending_outs))
         self._pending_outs.append(rows)
@@ -173,8 +177,10 @@ class RecentPredictions:
         """Write the pending predictions into the rings (put does it every COMMIT; reads first)."""
         if not self._pending_ids:
             return
-        rids, outs, whens, blocks = self._pending_ids, self._pending_outs, self._pending_when, self._pending_blocks
-        self._pending_ids, self._pending_outs, self._pending_when, self._pending_blocks = [], [], [], []
+        rids, outs, blocks = self._pending_ids, self._pending_outs, self._pending_blocks
+        whens = np.repeat(self._pending_when, self._pending_count)
+        self._pending_ids, self._pending_outs, self._pending_blocks = [], [], []
+        self._pending_when, self._pending_count = [], []
         cap = self.capacity
         if len(rids) > cap:
             outs, blocks = _per_request(outs, blocks), []
@@ -192,7 +198,7 @@ class RecentPredictions:
         self._written += n
         # fromiter: no type discovery over the list, which costs more than the copy
         self._ids[slots] = np.fromiter(rids, dtype=object, count=n)
-        self._when[slots] = np.fromiter(whens, dtype=np.float64, count=n)
+        self._when[slots] = whens
         self._labelled[slots] = False
         if self._owned:
             self._own[slots] = None

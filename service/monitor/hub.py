@@ -1,7 +1,8 @@
 """The monitor: what the infer path hands over, and the background worker that does the rest.
 
-Request path, in two halves. Per request (`Monitor.watch`, before the request is queued): the
-model's monitor and the request's id, handed to the batcher with the request. Per batch
+Request path, in two halves. Per request: only the request's id and start, carried with it through
+the batcher (the model version's observer was given to its batcher once, by `Monitor.attach` on its
+first request: service/infer.py). Per batch
 (`ModelMonitor.observe`, which the batcher calls on the event loop once the batch's futures hold
 their results, service/batcher.py): the batch's predictions into the recent-predictions index
 (three list extends; every 256 predictions one vectorized write into its numpy rings,
@@ -37,10 +38,8 @@ import numpy as np
 import orjson
 
 from .. import metrics as server_metrics
-from ..batcher import Served, Watch
+from ..batcher import Observer, Served
 from ..errors import InvalidInput
-from ..logs import REQUEST
-from ..logs import request_id as new_request_id
 from . import feedback as fb
 from . import metrics as mm_metrics
 from .drift import DriftDetector, DriftResult, feature_index
@@ -113,7 +112,6 @@ class ModelMonitor:
         self._block_rows = 0
         self._block_since = 0.0
         self._hand_over, self._room = hub._hand_over, hub._room
-        self.observer = self.observe  # what watch() hands the batcher: one bound method, made once
         # Capture: a countdown to the next captured request, its gaps drawn from the geometric
         # distribution: the same requests as one random draw per request would pick, without the draw.
         self._random = hub._random
@@ -144,7 +142,7 @@ class ModelMonitor:
         """One batch's answered requests (service/batcher.py, on the event loop): their predictions
         into the index, the capture countdown, and their rows while drift wants them."""
         now = time.time()
-        ids, outputs = served.ids, served.outputs
+        ids = served.ids
         n = len(ids)
         name = self.output
         if name is not None:
@@ -152,7 +150,7 @@ class ModelMonitor:
             if (block is not None and self.batched and block.ndim and len(block) == n
                     and len(next(iter(served.batch_inputs.values()))) == n):  # n rows for n requests: one each
                 self.recent.put_rows(ids, block, now)
-            elif name in outputs[0]:
+            elif name in (outputs := served.outputs)[0]:
                 self.recent.put_many(ids, [o[name] for o in outputs], now)
         self.capture_in -= n
         while self.capture_in <= 0:  # the request the countdown reached (1 = the batch's first)
@@ -347,7 +345,6 @@ class Monitor:
         self.queue_size = settings.monitor_queue_size
         self._queue: deque = deque()
         self._models: dict[tuple[str, str], ModelMonitor] = {}
-        self._last: ModelMonitor | None = None  # the monitor of the last request's model version
         self._loop: asyncio.AbstractEventLoop | None = None
         self._random = random.random
         self.store: CaptureStore | None = None
@@ -391,47 +388,37 @@ class Monitor:
 
     def forget(self, model: str, version: str) -> None:
         self._models.pop((model, version), None)
-        if self._last is not None and (self._last.name, self._last.version) == (model, version):
-            self._last = None
         mm_metrics.forget(model, version)
 
     # -- the infer path ---------------------------------------------------------------------------
-    def watch(self, mv, request_id: str | None, start: float) -> Watch | None:
-        """What the infer path hands the batcher with a request (service/infer.py): the model's
-        observer, the request's id (the v2 request's `id`, else the x-request-id Kiln assigned) and
-        its start; None when the model is not monitored. Kept short: it runs once per request."""
+    def attach(self, mv) -> None:
+        """Give this model version's batcher its observer (None when the version is not monitored):
+        the infer path calls it on the version's first request (service/infer.py)."""
+        observer = None
         try:
-            mon = self._last
-            if mon is None or mon.mv is not mv:
-                mon = self._monitor_of(mv)
-            if not mon.enabled:
-                return None
-            if not request_id:  # no v2 id (gRPC sends ""): the id Kiln assigned (x-request-id)
-                ctx = REQUEST.get()
-                request_id = ctx[0] if ctx is not None else new_request_id(None)
-            return mon.observer, request_id, start
-        except Exception:  # monitoring must never fail a request
-            log.exception("monitor: watching a request of %s failed", mv.name)
-            return None
+            observer = self.observer(mv)
+        except Exception:  # monitoring must never fail a request: this version goes unobserved
+            log.exception("monitor: watching %s version %s failed", mv.name, mv.version)
+        mv.observe_with(self, observer)
 
-    def observe(self, mv, request_id: str | None, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
-                start: float) -> None:
-        """One answered request handed over outside a batcher (in-process tests and benchmarks):
-        the path every batch takes, for a batch of this one request."""
-        watch = self.watch(mv, request_id, start)
-        if watch is not None:
-            observer, rid, _ = watch
-            observer(Served([rid], [inputs], [outputs], [time.perf_counter() - start], inputs, outputs))
-
-    def _monitor_of(self, mv) -> ModelMonitor:
-        """watch's model lookup when the request is not for the last request's model version."""
-        mon = self._last = self.for_model(mv)
+    def observer(self, mv) -> Observer | None:
+        """What sees this version's executed batches (service/batcher.py), or None when the version
+        is not monitored."""
+        mon = self.for_model(mv)
         if self._loop is None:  # the loop that owns the drift blocks (see _run)
             try:
                 self._loop = asyncio.get_running_loop()
             except RuntimeError:  # called outside a loop (in-process benchmark)
                 pass
-        return mon
+        return mon.observe if mon.enabled else None
+
+    def observe(self, mv, request_id: str, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
+                start: float) -> None:
+        """One answered request handed over outside a batcher (in-process tests and benchmarks):
+        the path every batch takes, for a batch of this one request."""
+        observer = self.observer(mv)
+        if observer is not None:
+            observer(Served([request_id], [inputs], [outputs], [time.perf_counter() - start], inputs, outputs))
 
     def _room(self) -> bool:
         """Whether the hand-off queue takes another item."""
