@@ -11,8 +11,11 @@ from scipy import stats
 from service.errors import InvalidInput
 from service.monitor.drift import (
     DriftDetector,
+    _kstwo_sf,
     feature_index,
     ks_2samp,
+    ks_n,
+    ks_quiet_below,
     proportions,
     psi,
     psi_edges,
@@ -323,6 +326,32 @@ def test_an_evaluation_between_full_p_value_passes_marks_which_p_values_it_compu
     assert first.fresh is not None and first.fresh.all()
     assert second.fresh is not None and second.fresh[0] and not second.fresh.all()
     assert second.detected and "f0" in second.drifted
+
+
+def test_a_quiet_statistic_needs_no_p_value_and_the_verdict_stays_exact():
+    """At or below ks_quiet_below(n, threshold) a statistic's p-value is at least the threshold:
+    checked on every value D takes near that bound for the default window and a reference of 128
+    rows. So between full passes an unshifted stream computes no p-value, and every evaluation's
+    verdict and drifting features are those of computing all p-values."""
+    n1, n2, tests = 250, 128, 65
+    en, threshold = ks_n(n1, n2), 0.05 / tests
+    quiet = ks_quiet_below(en, threshold)
+    assert 0.1 < quiet < 0.3
+    lattice = np.unique(np.abs(np.arange(n1 + 1)[:, None] / n1 - np.arange(n2 + 1)[None, :] / n2))
+    near = lattice[(lattice <= quiet) & (lattice > quiet - 0.01)]
+    assert len(near) > 100 and all(_kstwo_sf(float(d), en) >= threshold for d in near)
+    rng = np.random.default_rng(11)
+    ref = rng.normal(size=(n2, 8))
+    live = rng.normal(size=(1500, 8))
+    live[1000:, 2] += 1.0  # the last 500 rows drift on one feature
+    every = _detector(ref, window=n1, every=50, p_value_interval_s=0.0)
+    between = _detector(ref, window=n1, every=50, p_value_interval_s=1e9)
+    all_computed, skipping = every.add(live), between.add(live)
+    assert [r.detected for r in skipping] == [r.detected for r in all_computed]
+    assert [r.drifted for r in skipping] == [r.drifted for r in all_computed]
+    assert any(r.detected for r in skipping) and not all(r.detected for r in skipping)
+    quiet_ones = [r for r in skipping[1:] if not r.detected]
+    assert quiet_ones and not any(r.fresh.any() for r in quiet_ones)  # no p-value computed for them
 
 
 def test_the_capture_countdown_picks_requests_at_the_sample_rate():

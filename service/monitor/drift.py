@@ -89,6 +89,20 @@ def _kstwo_sf(d: float, n: float) -> float:
     return float(np.clip(stats.kstwo.sf(d, n), 0, 1))
 
 
+@lru_cache(maxsize=256)
+def ks_quiet_below(n: float, threshold: float) -> float:
+    """A statistic at or below which _kstwo_sf(d, n) >= threshold: what a feature whose statistic is
+    that small does not need its p-value computed for, to be judged not drifting. Found by
+    bisection, then moved down by a margin (SciPy switches method across the range, so the sf may
+    not fall strictly), and checked."""
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _kstwo_sf(mid, n) >= threshold else (lo, mid)
+    quiet = max(0.0, lo - 0.01)
+    return quiet if _kstwo_sf(quiet, n) >= threshold else 0.0
+
+
 def psi_edges(reference: np.ndarray, bins: int) -> np.ndarray:
     """Inner bin edges at the reference's quantiles (ties merged, so discrete features get fewer bins)."""
     edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]))
@@ -230,8 +244,9 @@ class DriftDetector:
     def evaluate(self) -> DriftResult:
         """KS statistic and PSI of every feature; p-values (SciPy's kstwo, ~1 ms each) for the
         features that drift — in descending statistic order until one does not: the same n for all
-        features makes the p-value fall as the statistic grows — and for all of them at most once
-        per `p_value_interval_s` (result.fresh marks which are from this evaluation)."""
+        features makes the p-value fall as the statistic grows, so a statistic at or below
+        ks_quiet_below needs none — and for all of them at most once per `p_value_interval_s`
+        (result.fresh marks which are from this evaluation)."""
         self._since = 0
         now = self.clock()
         rows = self.window_rows()
@@ -250,7 +265,10 @@ class DriftDetector:
                 pv[j] = _kstwo_sf(float(ks[j]), en)
             fresh[:] = True
         else:
+            quiet = ks_quiet_below(en, threshold)
             for j in np.argsort(-ks, kind="stable"):
+                if ks[j] <= quiet:  # this one and the rest are not drifting: their p-values are >= threshold
+                    break
                 pv[j], fresh[j] = _kstwo_sf(float(ks[j]), en), True
                 if pv[j] >= threshold:
                     break
