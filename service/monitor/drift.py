@@ -190,6 +190,10 @@ class DriftDetector:
         self.reference_classes = None
         if reference_classes is not None and n_classes:
             self.reference_classes = np.bincount(np.asarray(reference_classes, dtype=np.int64), minlength=n_classes)
+        # The statistic a full window's feature needs no p-value at (see evaluate): found now, with the
+        # reference, rather than in the middle of serving.
+        tests = len(features) + (1 if self.reference_classes is not None else 0)
+        self._quiet = ks_quiet_below(ks_n(window, len(reference)), p_value / tests)
         self._rows = np.zeros((window, len(features)), dtype=np.float64)
         self._classes = np.zeros(window, dtype=np.int64)
         self._filled = 0      # rows in the ring (≤ window)
@@ -265,8 +269,7 @@ class DriftDetector:
                 pv[j] = _kstwo_sf(float(ks[j]), en)
             fresh[:] = True
         else:
-            # Once the window is full (one n from then on: one bisection of ~14 p-values per detector).
-            quiet = ks_quiet_below(en, threshold) if len(rows) == self.window else 0.0
+            quiet = self._quiet if len(rows) == self.window else 0.0  # the bound is for a full window's n
             for j in np.argsort(-ks, kind="stable"):
                 if ks[j] <= quiet:  # this one and the rest are not drifting: their p-values are >= threshold
                     break
