@@ -171,7 +171,7 @@ def setting_env(setting: str) -> dict[str, str]:
 
 
 def paired(fmt: str, a: str, b: str, rounds: int, seconds: float, conns: int, model: str = "digits-cnn",
-           pairs: int = 1) -> dict:
+           pairs: int = 1, warmup: float = 6.0) -> dict:
     """Two servers on one core at the same time, each under its own wrk. Per round, two estimates of
     what b costs next to a: the ratio of their req/s, and the ratio of their server CPU time per
     request (every thread, from the scheduler): the second does not depend on how the scheduler
@@ -181,7 +181,11 @@ def paired(fmt: str, a: str, b: str, rounds: int, seconds: float, conns: int, mo
     servers of the same setting differ by a few percent for their whole life. So `pairs` fresh
     pairs of servers are started one after the other, the setting started first alternating, and
     the result is the geometric mean of each pair's mean, its 95% confidence interval (Student t)
-    taken over the pairs (over the rounds when there is one pair)."""
+    taken over the pairs (over the rounds when there is one pair).
+
+    `warmup` seconds of load on both servers at once before the rounds: long enough that the
+    monitor's start-up is over (the drift reference loaded, the first full p-value pass, the drift
+    window filled: 5 intervals of 1 s), so the rounds measure a server in its steady state."""
     import threading
 
     body, path = http.bodies(model)[fmt], f"/v2/models/{model}/infer"
@@ -193,8 +197,11 @@ def paired(fmt: str, a: str, b: str, rounds: int, seconds: float, conns: int, mo
         pids = [http.all_pids(s.proc.pid) for s in servers]
         rps_ratios, cpu_ratios = [], []
         try:
-            for srv in servers:
-                http.wrk(srv.url, path, body, conns, 1)  # warm-up
+            warm = [threading.Thread(target=http.wrk, args=(srv.url, path, body, conns, warmup)) for srv in servers]
+            for t in warm:
+                t.start()
+            for t in warm:
+                t.join()
             for r in range(rounds):
                 res: list[dict] = [{}, {}]
 
@@ -338,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paired", action="store_true", help="two servers on one core at once (see above)")
     ap.add_argument("--pairs", type=int, default=1, help="--paired: fresh server pairs, one after the other "
                     "(--rounds each); the interval is then over the pairs")
+    ap.add_argument("--warmup", type=float, default=6.0, help="--paired: seconds of load on both servers "
+                    "before the rounds (the monitor's start-up and its drift window's first fill)")
     ap.add_argument("--paired-a", default=OFF, help="--paired: the baseline server's setting")
     ap.add_argument("--paired-b", default="default", help="--paired: the compared server's setting "
                     "(ENV=VALUE, or 'default')")
@@ -352,12 +361,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.paired:
         conns = max(1, int(args.concurrency.split(",")[0]) // 2)
-        print(f"paired: {args.pairs} pair(s) of servers × {args.rounds} rounds of {args.seconds:g} s, {conns} "
-              "connections per server, both servers on core 0 at once\n")
+        print(f"paired: {args.pairs} pair(s) of servers × {args.rounds} rounds of {args.seconds:g} s after "
+              f"{args.warmup:g} s of warm-up, {conns} connections per server, both servers on core 0 at once\n")
         print("| model | body | setting | req/s vs baseline [95% CI] | CPU per request, baseline's / its [95% CI] "
               "| pairs × rounds |\n|---|---|---|---|---|---|")
         out = [paired(fmt, args.paired_a, args.paired_b, args.rounds, args.seconds, conns, args.models.split(",")[0],
-                      args.pairs) for fmt in args.formats.split(",")]
+                      args.pairs, args.warmup) for fmt in args.formats.split(",")]
         Path(args.out).write_text(json.dumps({"paired": out}, indent=1))
         return 0
     print("in-process (20,000 requests handed to the monitor back to back):")
