@@ -171,13 +171,13 @@ def in_process(model: str, batch: int, seconds: float = 2.0) -> float:
         os.sched_setaffinity(0, before)
 
 
-def batch_stats(url: str, model: str) -> tuple[float, float]:
+def batch_stats(url: str, model: str, timeout: float = 10.0) -> tuple[float, float]:
     """(sum, count) of kiln_batch_size for the model, from /metrics (prometheus-client's parser)."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    text = urllib.request.urlopen(url + "/metrics", timeout=timeout).read().decode()
     total = count = 0.0
     for fam in text_string_to_metric_families(text):
         if fam.name == "kiln_batch_size":

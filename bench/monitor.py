@@ -44,7 +44,8 @@ SETTINGS = [(f"kiln ({OFF})", "off"), (f"kiln ({NO_CAPTURE})", "drift + feedback
 def in_process(calls: int = 20000, batch: int = 16) -> dict:
     """What monitoring costs per request, in-process and single-threaded (steadier than wrk on a
     shared machine): the model's observer once per batch of `batch` requests (what the batcher
-    calls, service/batcher.py), the worker's CPU per request, and one drift evaluation (digits-cnn: 64 features, window 250, 128 reference rows)."""
+    calls, service/batcher.py), the worker's CPU per request, and one drift evaluation
+    (digits-cnn: 64 features, window 250, 128 reference rows)."""
     import tempfile
     import threading
     import time
@@ -170,6 +171,24 @@ def setting_env(setting: str) -> dict[str, str]:
     return dict([setting.split("=", 1)]) if "=" in setting else {}
 
 
+def wrk_at_once(servers: list, path: str, body, conns: int, seconds: float, order=None) -> list[dict]:
+    """wrk on every server at the same time, one thread each, started in `order` (default: as
+    listed); the results in the servers' order."""
+    import threading
+
+    res: list[dict] = [{} for _ in servers]
+
+    def drive(i: int) -> None:
+        res[i] = http.wrk(servers[i].url, path, body, conns, seconds)
+
+    threads = [threading.Thread(target=drive, args=(i,)) for i in (order or range(len(servers)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return res
+
+
 def paired(fmt: str, a: str, b: str, rounds: int, seconds: float, conns: int, model: str = "digits-cnn",
            pairs: int = 1, warmup: float = 6.0) -> dict:
     """Two servers on one core at the same time, each under its own wrk. Per round, two estimates of
@@ -186,8 +205,6 @@ def paired(fmt: str, a: str, b: str, rounds: int, seconds: float, conns: int, mo
     `warmup` seconds of load on both servers at once before the rounds: long enough that the
     monitor's start-up is over (the drift reference loaded, the first full p-value pass, the drift
     window filled: 5 intervals of 1 s), so the rounds measure a server in its steady state."""
-    import threading
-
     body, path = http.bodies(model)[fmt], f"/v2/models/{model}/infer"
     per_pair: list[tuple[list[float], list[float]]] = []
     for k in range(pairs):
@@ -197,24 +214,10 @@ def paired(fmt: str, a: str, b: str, rounds: int, seconds: float, conns: int, mo
         pids = [http.all_pids(s.proc.pid) for s in servers]
         rps_ratios, cpu_ratios = [], []
         try:
-            warm = [threading.Thread(target=http.wrk, args=(srv.url, path, body, conns, warmup)) for srv in servers]
-            for t in warm:
-                t.start()
-            for t in warm:
-                t.join()
+            wrk_at_once(servers, path, body, conns, warmup)
             for r in range(rounds):
-                res: list[dict] = [{}, {}]
-
-                def drive(i: int, out: list[dict] = res, targets: list = servers) -> None:
-                    out[i] = http.wrk(targets[i].url, path, body, conns, seconds)
-
-                order = (0, 1) if r % 2 == 0 else (1, 0)
                 cpu0 = [sum(http.cpu_seconds(p) for p in ps) for ps in pids]
-                threads = [threading.Thread(target=drive, args=(i,)) for i in order]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
+                res = wrk_at_once(servers, path, body, conns, seconds, order=(0, 1) if r % 2 == 0 else (1, 0))
                 cpu = [sum(http.cpu_seconds(p) for p in ps) - c for ps, c in zip(pids, cpu0)]
                 rps = [x["requests"] / (x["duration_us"] / 1e6) for x in res]
                 per_request = [c / max(1, x["requests"]) * 1e6 for c, x in zip(cpu, res)]
@@ -249,10 +252,8 @@ def instructions(settings: list[str], seconds: float, conns: int, model: str = "
     at full speed (the slowed warm-up would move it to runner threads)."""
     import re
     import shutil
-    import tempfile
-    import threading
     import subprocess
-    import urllib.request
+    import tempfile
 
     if not shutil.which("valgrind"):
         raise SystemExit("valgrind not found: apt-get install -y valgrind")
@@ -266,31 +267,16 @@ def instructions(settings: list[str], seconds: float, conns: int, model: str = "
                       f"--callgrind-out-file={out}/s{i}.out"]
             servers.append(http.start_kiln([model], env=env, cpu=i % 2, prefix=prefix))
 
-        def batches(srv) -> tuple[float, float]:
-            text = urllib.request.urlopen(srv.url + "/metrics", timeout=60).read().decode()
-            count = sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith("kiln_batch_size_count"))
-            rows = sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith("kiln_batch_size_sum"))
-            return count, rows
-
         for srv in servers:
             http.wrk(srv.url, path, body, conns, 10)  # warm-up, not counted
-        before = [batches(srv) for srv in servers]
+        before = [http.batch_stats(srv.url, model, timeout=60) for srv in servers]
         for srv in servers:
             subprocess.run(["callgrind_control", "--instr=on", str(srv.proc.pid)], capture_output=True, check=True)
-        res: list[dict] = [{} for _ in servers]
-
-        def drive(i: int) -> None:
-            res[i] = http.wrk(servers[i].url, path, body, conns, seconds)
-
-        threads = [threading.Thread(target=drive, args=(i,)) for i in range(len(servers))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        res = wrk_at_once(servers, path, body, conns, seconds)
         for srv in servers:
             subprocess.run(["callgrind_control", "--instr=off", str(srv.proc.pid)], capture_output=True, check=True)
             subprocess.run(["callgrind_control", "--dump", str(srv.proc.pid)], capture_output=True, check=True)
-        after = [batches(srv) for srv in servers]
+        after = [http.batch_stats(srv.url, model, timeout=60) for srv in servers]
     finally:
         for srv in servers:
             srv.stop()
@@ -304,7 +290,7 @@ def instructions(settings: list[str], seconds: float, conns: int, model: str = "
             if m and totals:
                 per_thread[int(m.group(1))] = per_thread.get(int(m.group(1)), 0) + max(totals)
         n = max(1, res[i]["requests"])
-        count, rows = after[i][0] - before[i][0], after[i][1] - before[i][1]
+        rows, count = after[i][0] - before[i][0], after[i][1] - before[i][1]  # batch_stats: (sum, count)
         main = per_thread.pop(1, 0)
         rows_out.append({"setting": setting, "requests": n, "mean_batch": rows / max(count, 1),
                          "loop_per_request": main / n, "other_threads_per_s": sum(per_thread.values()) / seconds})

@@ -5,7 +5,7 @@ the batcher (the model version's observer was given to its batcher once, by `Mon
 first request: service/infer.py). Per batch
 (`ModelMonitor.observe`, which the batcher calls on the event loop once the batch's futures hold
 their results, service/batcher.py): the batch's predictions into the recent-predictions index
-(three list extends; every 256 predictions one vectorized write into its numpy rings,
+(a few list appends; every 256 predictions one vectorized write into its numpy rings,
 service/monitor/feedback.py), the capture countdown, and for a captured request one append to a
 bounded deque — never a lock, a write or a wait, and paid once per batch rather than once per
 request. A full deque drops the sample and counts it (kiln_capture_samples_total{result="dropped"}).
