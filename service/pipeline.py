@@ -195,17 +195,26 @@ class Pipeline:
         return AttemptResult(backend, precision, status, reason, **facts)
 
     # -- the steps ------------------------------------------------------------------------------
-    def compile_options(self, precision: str) -> CompileOptions:
+    def compile_options(self, precision: str, backend: str) -> CompileOptions:
         ctx = self.ctx
         calibration = None
+        extra = dict(ctx.config.backend_options)
         if precision == "int8":
+            # The backend's static recipe for this CPU (what `kiln optimize` runs), under the config's
+            # own options: e.g. ONNX Runtime's 7-bit weights where u8 x s8 sums saturate (no VNNI).
+            from optimize.hw import choose_recipe
+
+            try:
+                extra = {**choose_recipe(backend, "static").extra, **extra}
+            except ValueError:  # no static recipe: the backend's own int8 defaults
+                pass
             spec = ctx.config.verify
             if spec.samples:
                 calibration = load_npz_inputs(resolve(spec.samples, ctx.model_dir), ctx.inputs, None)
             elif ctx.golden is not None and ctx.golden.sets:
                 calibration = ctx.golden.sets[0].inputs
         return CompileOptions(precision=precision, max_batch_size=ctx.config.max_batch_size, inputs=ctx.inputs,
-                              outputs=ctx.outputs, calibration=calibration, extra=dict(ctx.config.backend_options))
+                              outputs=ctx.outputs, calibration=calibration, extra=extra)
 
     def _attempt(self, name: str, precision: str, serve: bool, facts: dict[str, Any],
                  runners: list[Runner]) -> AttemptResult:
@@ -230,7 +239,7 @@ class Pipeline:
                     and precision not in ctx.config.verify.precisions):
                 raise GateFailed(f"{precision} is lossy: it needs an accuracy gate (config accuracy.dataset) or "
                                  f"explicit parity tolerances (config verify.precisions.{precision})")
-        options = self.compile_options(precision)
+        options = self.compile_options(precision, name)
         names = [o.name for o in ctx.outputs]
 
         key = None
