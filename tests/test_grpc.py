@@ -28,6 +28,7 @@ from tests.test_datatypes import TYPES, sample
 
 BODY_LIMIT = 4 * 1024 * 1024
 SLOW = 640  # the slow model's [SLOW, SLOW] input: long enough a compute for deadlines and drains
+SLOW_DEPTH = 64  # its matmuls: > 0.4 s a call on a fast AVX2 core as well (24 took 0.26 s on an AMD EPYC)
 
 
 def identity_model(path, types) -> None:
@@ -50,7 +51,7 @@ def build_repo(repo) -> None:
     identity_model(repo / "typed" / "1", [t for t in TYPES if t != "FP16"])
     (repo / "typed" / "config.yaml").write_text("backend: onnxruntime\nmax_batch_size: 8\n")
     add_busy(repo, "busy", extra="dynamic_batching: {max_queue_size: 1}\n")
-    add_slow(repo, "slow", size=SLOW, depth=24)
+    add_slow(repo, "slow", size=SLOW, depth=SLOW_DEPTH)
     (repo / "broken" / "1").mkdir(parents=True)  # no model source: FAILED, never ready
     (repo / "broken" / "config.yaml").write_text("backend: onnxruntime\n")
 
@@ -554,7 +555,7 @@ def test_inflight_bound_and_sigterm_drain(tmp_path):
     """KILN_MAX_INFLIGHT=1: a second request while one runs is RESOURCE_EXHAUSTED; after SIGTERM a new
     one is UNAVAILABLE, readiness false, and the request in flight is still answered; exit 0."""
     repo = tmp_path / "repo"
-    add_slow(repo, "slow", size=SLOW, depth=24)
+    add_slow(repo, "slow", size=SLOW, depth=SLOW_DEPTH)
     srv = start_server(repo, log_dir=tmp_path, grpc=True, env={"KILN_MAX_INFLIGHT": "1"})
     x = (np.random.default_rng(0).standard_normal((SLOW, SLOW)) / SLOW).astype(np.float32)
     results: list = []
