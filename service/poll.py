@@ -17,6 +17,10 @@ What a change does (through the repository's one-version-at-a-time operations, s
 - a removed version folder (or model folder): no new requests go to it, its in-flight requests finish,
   then it unloads.
 A version that failed is not rebuilt until its files or its configuration change again.
+
+A folder is acted on only once two scans in a row find it the same: a file still being written (a
+model being copied in, a config.yaml an editor truncates and then writes) is read at least one poll
+interval later, whole, and a half-written state is never built nor refused.
 """
 
 from __future__ import annotations
@@ -107,6 +111,11 @@ class ModelScan:
     paths: dict[str, Path] = field(default_factory=dict)
 
     @property
+    def fingerprint(self) -> tuple:
+        rollout = self.config.rollout.model_dump_json() if self.config and self.config.rollout else ""
+        return self.config_digest, rollout, tuple(sorted(self.versions.items()))
+
+    @property
     def name(self) -> str:
         return (self.config.name if self.config and self.config.name else None) or self.folder.name
 
@@ -140,7 +149,9 @@ class RepositoryPoller:
         self.repo = repo
         self.interval_s = interval_s
         self.hasher = ContentHasher()
-        self.scans: dict[Path, ModelScan] = {}  # the last scan of each model folder
+        self.scans: dict[Path, ModelScan] = {}  # the last scan applied, per model folder
+        self.latest: dict[Path, ModelScan] = {}  # the last scan seen, applied or still settling
+        self.rollouts: dict[str, object] = {}  # model -> the config.yaml rollout it serves with
         # (model, version) -> digest of the version folder and of the config it was last built from
         self.built: dict[tuple[str, str], tuple[str, str]] = {}
         self.polls = 0
@@ -152,7 +163,8 @@ class RepositoryPoller:
         """Fingerprint the repository as the startup load is about to read it."""
         for folder in self._folders():
             scan = scan_model(folder, self.hasher)
-            self.scans[folder] = scan
+            self.scans[folder] = self.latest[folder] = scan
+            self.rollouts[scan.name] = scan.config.rollout if scan.config else None
             for v in scan.selected():
                 self.built[(scan.name, v)] = (scan.versions[v], scan.config_digest)
 
@@ -195,12 +207,19 @@ class RepositoryPoller:
                 break
             seen.add(folder)
             scan = scan_model(folder, self.hasher)
+            last, self.latest[folder] = self.latest.get(folder), scan
+            if last is None or last.fingerprint != scan.fingerprint:
+                continue  # changed since the last scan: applied once a scan finds it settled
             changes += self._apply(scan, self.scans.get(folder))
             self.scans[folder] = scan
-        for folder in [f for f in self.scans if f not in seen]:
-            gone = self.scans.pop(folder)
+        for folder in [f for f in self.latest if f not in seen]:
+            del self.latest[folder]
+            gone = self.scans.pop(folder, None)
+            if gone is None:  # it came and went between two scans: nothing was built from it
+                continue
             log.info("poll: model folder %s removed: unloading %s after its in-flight requests", folder, gone.name)
             self.hasher.forget(folder)
+            self.rollouts.pop(gone.name, None)
             changes += self._retire(gone.name, self.repo.versions(gone.name), "removed")
         return changes
 
@@ -215,13 +234,16 @@ class RepositoryPoller:
         changes = 0
         loaded = self.repo.models.get(name, {})
         selected = scan.selected()
-        if prev is not None and prev.config is not None and prev.config_digest == scan.config_digest \
-                and prev.config.rollout != scan.config.rollout and loaded:
+        # Compared with the rollout applied, not with the last scan: a change is never lost to a scan
+        # in between that was refused or rebuilt.
+        rollout = scan.config.rollout
+        if loaded and name in self.rollouts and self.rollouts[name] != rollout:
             log.info("poll: %s: rollout changed in config.yaml: %s", name,
                      scan.config.rollout.model_dump(exclude_none=True) if scan.config.rollout else "none")
             metrics.REPOSITORY_CHANGES.labels("rollout").inc()
-            self.repo.set_rollout_config(name, scan.config.rollout)
+            self.repo.set_rollout_config(name, rollout)
             changes += 1
+        self.rollouts[name] = rollout
         for v, path in selected.items():
             built_from = (scan.versions[v], scan.config_digest)
             if self.built.get((name, v)) == built_from and v in loaded:

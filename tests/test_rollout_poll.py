@@ -142,6 +142,17 @@ def test_changed_config_rebuilds_only_that_model(tmp_path, expected):
         assert state["origin"] == "config" and state["rollout"]["stable"] == 1
         time.sleep(1.0)
         assert not _lifecycle(srv.log()[mark:], "digits"), "no rebuild for a rollout edit"
+        # A torn write (the file truncated, written a moment later, as an editor saving in place does)
+        # builds nothing from the empty file (a valid, all-defaults config): only the whole file acts.
+        mark = len(srv.log())
+        with open(repo / "digits" / "config.yaml", "w") as f:
+            f.flush()
+            time.sleep(0.1)  # under one poll interval: at most one scan sees it empty
+            f.write(CONFIG.replace("max_queue_delay_ms: 1", "max_queue_delay_ms: 2") + "rollout: {stable: 1}\n")
+        wait_for(lambda: "digits: rollout changed in config.yaml" in srv.log()[mark:], 30, what="torn rollout")
+        time.sleep(1.0)
+        assert not _lifecycle(srv.log()[mark:], "digits"), srv.log()[mark:]
+        assert httpx.get(srv.url + "/v2/repository/models/digits/rollout").json()["rollout"].get("shadow") is None
         # An invalid config is refused: the model keeps serving as it was.
         (repo / "other" / "config.yaml").write_text(CONFIG + "max_batch_size: -3\n")
         wait_for(lambda: "other: the new configuration is refused" in srv.log(), 30, what="refusal")
