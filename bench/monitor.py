@@ -204,7 +204,13 @@ def paired(fmt: str, a: str, b: str, rounds: int, seconds: float, conns: int, mo
 
     `warmup` seconds of load on both servers at once before the rounds: long enough that the
     monitor's start-up is over (the drift reference loaded, the first full p-value pass, the drift
-    window filled: 5 intervals of 1 s), so the rounds measure a server in its steady state."""
+    window filled: 5 intervals of 1 s), so the rounds measure a server in its steady state.
+
+    Each server's CPU is also split into its event loop's time per request and its other threads'
+    time per second (the monitor's worker). On the half core each server gets here a cost paid per
+    second weighs twice what it weighs on a whole core, so a third estimate, "a whole core's req/s",
+    is (1 - other threads' share of a core) / the loop's time per request: what each server would
+    serve alone on a core, the other threads' work taken as a fixed cost a second."""
     body, path = http.bodies(model)[fmt], f"/v2/models/{model}/infer"
     per_pair: list[tuple[list[float], list[float]]] = []
     for k in range(pairs):
@@ -212,33 +218,43 @@ def paired(fmt: str, a: str, b: str, rounds: int, seconds: float, conns: int, mo
         started = [http.start_kiln([model], env=setting_env(x) or None) for x in slots]
         servers = started if k % 2 == 0 else started[::-1]  # servers[0] runs a, servers[1] runs b
         pids = [http.all_pids(s.proc.pid) for s in servers]
-        rps_ratios, cpu_ratios = [], []
+        rps_ratios, cpu_ratios, loop_ratios, others = [], [], [], []
         try:
             wrk_at_once(servers, path, body, conns, warmup)
             for r in range(rounds):
                 cpu0 = [sum(http.cpu_seconds(p) for p in ps) for ps in pids]
+                loop0 = [http.loop_seconds(ps[-1]) for ps in pids]
                 res = wrk_at_once(servers, path, body, conns, seconds, order=(0, 1) if r % 2 == 0 else (1, 0))
                 cpu = [sum(http.cpu_seconds(p) for p in ps) - c for ps, c in zip(pids, cpu0)]
+                loop = [http.loop_seconds(ps[-1]) - c for ps, c in zip(pids, loop0)]
                 rps = [x["requests"] / (x["duration_us"] / 1e6) for x in res]
                 per_request = [c / max(1, x["requests"]) * 1e6 for c, x in zip(cpu, res)]
+                loop_us = [c / max(1, x["requests"]) * 1e6 for c, x in zip(loop, res)]
+                others_ms = [(c - lc) / (x["duration_us"] / 1e6) * 1e3 for c, lc, x in zip(cpu, loop, res)]
+                loop_ratios.append(loop_us[0] / loop_us[1])
+                others.append(others_ms)
                 errors = [x["status"] + x["read"] + x["write"] + x["connect"] + x["timeout"] for x in res]
                 rps_ratios.append(rps[1] / rps[0])
                 cpu_ratios.append(per_request[0] / per_request[1])  # > 1: b is cheaper
                 print(f"  pair {k} round {r}: {a} {rps[0]:,.0f} req/s {per_request[0]:.1f} µs CPU/req | {b} "
                       f"{rps[1]:,.0f} req/s {per_request[1]:.1f} µs CPU/req | ratios {rps_ratios[-1]:.3f} (req/s) "
-                      f"{cpu_ratios[-1]:.3f} (CPU) | errors {errors}", flush=True)
+                      f"{cpu_ratios[-1]:.3f} (CPU) | event loop {loop_us[0]:.1f} / {loop_us[1]:.1f} µs/req, other "
+                      f"threads {others_ms[0]:.1f} / {others_ms[1]:.1f} ms/s | errors {errors}", flush=True)
         finally:
             for srv in servers:
                 srv.stop()
-        per_pair.append((rps_ratios, cpu_ratios))
-    if pairs == 1:
-        rps_est, cpu_est = mean_ci(per_pair[0][0]), mean_ci(per_pair[0][1])
-    else:
-        rps_est = mean_ci([mean_ci(r)[0] for r, _ in per_pair])
-        cpu_est = mean_ci([mean_ci(c)[0] for _, c in per_pair])
-    out = {"model": model, "format": fmt, "a": a, "b": b, "rounds": rounds, "pairs": pairs,
-           "rps": rps_est, "cpu": cpu_est, "rounds_rps": [r for r, _ in per_pair], "rounds_cpu": [c for _, c in per_pair]}
-    print(f"| {model} | {fmt} | {b} vs {a} | {_pct(rps_est)} | {_pct(cpu_est)} | {pairs} × {rounds} |", flush=True)
+        # A whole core's worth of req/s, from this round's split of the CPU: the event loop's time per
+        # request and the other threads' time per second (the worker: drift evaluations, writes)
+        # taken as a fixed cost a second, which a server on a whole core pays once, not on half of it.
+        whole = [(1 - o[1] / 1e3) / (1 - o[0] / 1e3) * lr for o, lr in zip(others, loop_ratios)]
+        per_pair.append({"rps": rps_ratios, "cpu": cpu_ratios, "loop": loop_ratios, "whole": whole,
+                         "others_ms": others})
+    est = {key: (mean_ci(per_pair[0][key]) if pairs == 1 else mean_ci([mean_ci(p[key])[0] for p in per_pair]))
+           for key in ("rps", "cpu", "loop", "whole")}
+    out = {"model": model, "format": fmt, "a": a, "b": b, "rounds": rounds, "pairs": pairs, **est,
+           "per_pair": per_pair}
+    print(f"| {model} | {fmt} | {b} vs {a} | {_pct(est['rps'])} | {_pct(est['cpu'])} | {_pct(est['loop'])} | "
+          f"{_pct(est['whole'])} | {pairs} × {rounds} |", flush=True)
     return out
 
 
@@ -350,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"paired: {args.pairs} pair(s) of servers × {args.rounds} rounds of {args.seconds:g} s after "
               f"{args.warmup:g} s of warm-up, {conns} connections per server, both servers on core 0 at once\n")
         print("| model | body | setting | req/s vs baseline [95% CI] | CPU per request, baseline's / its [95% CI] "
-              "| pairs × rounds |\n|---|---|---|---|---|---|")
+              "| event loop per request | a whole core's req/s (other threads per second) | pairs × rounds |\n"
+              "|---|---|---|---|---|---|---|---|")
         out = [paired(fmt, args.paired_a, args.paired_b, args.rounds, args.seconds, conns, args.models.split(",")[0],
                       args.pairs, args.warmup) for fmt in args.formats.split(",")]
         Path(args.out).write_text(json.dumps({"paired": out}, indent=1))
