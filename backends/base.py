@@ -86,7 +86,7 @@ class Backend(Protocol):
 
     # INT8 recipe on a CPU: `mode` "static" (calibrated) or "dynamic"; `units` names the CPU's int8
     # dot-product units in words; `int8_dot`: it has VNNI/AMX/sdot; `x86`: an x86 CPU. None: no such mode.
-    # `int8_isa`: the optimize.hw ISA flags its int8 kernels exploit, best first (ranks `--backend auto`).
+    # `int8_isa`: the backends.hw ISA flags its int8 kernels exploit, best first (ranks `--backend auto`).
     int8_isa: tuple[str, ...]
 
     def int8_recipe(self, mode: str, units: str, int8_dot: bool, x86: bool) -> Int8Recipe | None: ...

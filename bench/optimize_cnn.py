@@ -56,7 +56,7 @@ def main(argv=None) -> int:
 
     from optimize import prune, workload
     from optimize.bench import available_backends, measure
-    from optimize.hw import choose_recipe, detect
+    from backends.hw import choose_recipe, detect
     from optimize.source import export_module
 
     here = available_backends()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import OptimizeError, StepFailed
-from .hw import Recipe
+from backends.hw import Recipe
 
 MODES = ("static", "dynamic")
 
@@ -86,7 +86,9 @@ def quantize(w, backend: str, mode: str, *, out: Path | None = None, runs: int =
              command: str = "", progress: bool = True) -> QuantResult:
     """INT8 of the workload's model on ``backend``: fp32 and int8 both measured (metric on the compiled artifact,
     p50 at batch 1 and 32), the servable folder written to ``out``."""
-    from . import hw, modelio
+    from backends import hw
+
+    from . import modelio
     from .bench import available_backends, measure
 
     validate(backend, mode)

@@ -220,7 +220,9 @@ def verdicts(w, rows: list[Row], max_drop: float, min_speedup: float) -> None:
 
 def write_kept(w, rows: list[Row], out: Path, max_drop: float) -> None:
     """Every kept row becomes a servable folder targeting the backend where it is fastest."""
-    from . import hw, modelio
+    from backends import hw
+
+    from . import modelio
 
     for r in rows[1:]:
         if not r.kept:
@@ -342,7 +344,9 @@ def run_report(w, out: Path, *, backends: list[str] | None = None, max_drop: flo
                runs: int | None = None, seed: int = 0, progress: bool = True, command: str = "", log=print) -> dict:
     from backends import get_backend
 
-    from . import hw, modelio
+    from backends import hw
+
+    from . import modelio
     from . import search as srch
     from .bench import available_backends, check_backend, measure
     from .distill import parse_student_spec

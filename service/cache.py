@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from backends.hw import cpu_flags
+
 log = logging.getLogger("kiln.cache")
 
 FORMAT = 1  # bump when the layout or the compile recipe of any backend changes meaning
@@ -28,14 +30,7 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "am
 
 
 def cpu_fingerprint() -> str:
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags.update(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    flags = cpu_flags()
     return platform.machine() + ":" + ",".join(f for f in ISA_FLAGS if f in flags)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from backends import BackendUnavailable, CompileFailed, CompileOptions, Runner, TensorInfo, get_backend
+from backends.hw import choose_recipe
 from backends.reference import Reference
 from backends.signature import SourceFacts
 
@@ -202,8 +203,6 @@ class Pipeline:
         if precision == "int8":
             # The backend's static recipe for this CPU (what `kiln optimize` runs), under the config's
             # own options: e.g. ONNX Runtime's 7-bit weights where u8 x s8 sums saturate (no VNNI).
-            from optimize.hw import choose_recipe
-
             try:
                 extra = {**choose_recipe(backend, "static").extra, **extra}
             except ValueError:  # no static recipe: the backend's own int8 defaults

@@ -101,7 +101,7 @@ def test_analyze_onnx_and_pt2(tmp_path):
 
 
 def test_cpu_recipe_choice_from_cpuinfo():
-    from optimize import hw
+    from backends import hw
 
     avx2 = hw.detect("model name\t: Old Xeon\nflags\t\t: fpu sse avx avx2 fma\n")
     assert avx2.isa["avx2"] and not avx2.int8_dot

@@ -1,4 +1,6 @@
-"""Hardware fingerprint and the INT8 recipe each CPU calls for.
+"""The CPU's INT8-relevant features, and the INT8 recipe each backend runs on it: one reading of
+/proc/cpuinfo for serving (the compile cache's key, a served int8 model's compile options) and for
+`kiln optimize`.
 
 INT8 pays off when the CPU has integer dot-product instructions: x86 AVX-512 VNNI / AVX-VNNI
 (``vpdpbusd``: u8×s8 → s32 in one instruction), AMX (int8 tile matmul), ARM dot-product
@@ -57,13 +59,15 @@ class CpuInfo:
         return asdict(self)
 
 
-def detect(cpuinfo: str | None = None) -> CpuInfo:
-    """Parse ``/proc/cpuinfo`` (or the given text) for the model name and the INT8-relevant ISA flags."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
-        except OSError:
-            cpuinfo = ""
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _fields(cpuinfo: str) -> tuple[set[str], str]:
+    """The first CPU's flags (x86 "flags", ARM "Features") and model name."""
     flags: set[str] = set()
     model = ""
     for line in cpuinfo.splitlines():
@@ -73,6 +77,16 @@ def detect(cpuinfo: str | None = None) -> CpuInfo:
             flags = set(value.split())
         elif key in ("model name", "cpu model", "hardware") and not model:
             model = value.strip()
+    return flags, model
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    return _fields(_cpuinfo() if cpuinfo is None else cpuinfo)[0]
+
+
+def detect(cpuinfo: str | None = None) -> CpuInfo:
+    """Parse ``/proc/cpuinfo`` (or the given text) for the model name and the INT8-relevant ISA flags."""
+    flags, model = _fields(_cpuinfo() if cpuinfo is None else cpuinfo)
     if not model:
         model = platform.processor() or platform.machine()
     try:
@@ -109,7 +123,7 @@ def int8_units(cpu: CpuInfo) -> str:
 def auto_backend(cpu: CpuInfo, available: list[str]) -> tuple[str, str]:
     """The available backend whose int8 kernels use this CPU's int8 units (each backend's ``int8_isa``), else the
     first available backend with a CPU-independent int8 path."""
-    from backends import get_backend
+    from . import get_backend
 
     for name in available:
         used = [f for f in get_backend(name).int8_isa if cpu.isa.get(f)]
@@ -124,7 +138,7 @@ def auto_backend(cpu: CpuInfo, available: list[str]) -> tuple[str, str]:
 
 def choose_recipe(backend: str, mode: str, cpu: CpuInfo | None = None) -> Recipe:
     """Which INT8 recipe the backend runs on this CPU, and why: the backend's own ``int8_recipe``."""
-    from backends import get_backend
+    from . import get_backend
 
     cpu = cpu or detect()
     rc = get_backend(backend).int8_recipe(mode, int8_units(cpu), cpu.int8_dot, cpu.arch in ("x86_64", "AMD64"))
