@@ -218,15 +218,20 @@ def paired(fmt: str, a: str, b: str, rounds: int, seconds: float, conns: int, mo
         started = [http.start_kiln([model], env=setting_env(x) or None) for x in slots]
         servers = started if k % 2 == 0 else started[::-1]  # servers[0] runs a, servers[1] runs b
         pids = [http.all_pids(s.proc.pid) for s in servers]
-        rps_ratios, cpu_ratios, loop_ratios, others = [], [], [], []
+        rps_ratios, cpu_ratios, loop_ratios, others, batch_ratios = [], [], [], [], []
         try:
             wrk_at_once(servers, path, body, conns, warmup)
             for r in range(rounds):
                 cpu0 = [sum(http.cpu_seconds(p) for p in ps) for ps in pids]
                 loop0 = [http.loop_seconds(ps[-1]) for ps in pids]
+                batches0 = [http.batch_stats(srv.url, model) for srv in servers]
                 res = wrk_at_once(servers, path, body, conns, seconds, order=(0, 1) if r % 2 == 0 else (1, 0))
                 cpu = [sum(http.cpu_seconds(p) for p in ps) - c for ps, c in zip(pids, cpu0)]
                 loop = [http.loop_seconds(ps[-1]) - c for ps, c in zip(pids, loop0)]
+                batches = [tuple(x - y for x, y in zip(http.batch_stats(srv.url, model), b0))
+                           for srv, b0 in zip(servers, batches0)]
+                mean_batch = [rows / max(1, count) for rows, count in batches]
+                batch_ratios.append(mean_batch[1] / mean_batch[0])
                 rps = [x["requests"] / (x["duration_us"] / 1e6) for x in res]
                 per_request = [c / max(1, x["requests"]) * 1e6 for c, x in zip(cpu, res)]
                 loop_us = [c / max(1, x["requests"]) * 1e6 for c, x in zip(loop, res)]
@@ -239,7 +244,8 @@ def paired(fmt: str, a: str, b: str, rounds: int, seconds: float, conns: int, mo
                 print(f"  pair {k} round {r}: {a} {rps[0]:,.0f} req/s {per_request[0]:.1f} µs CPU/req | {b} "
                       f"{rps[1]:,.0f} req/s {per_request[1]:.1f} µs CPU/req | ratios {rps_ratios[-1]:.3f} (req/s) "
                       f"{cpu_ratios[-1]:.3f} (CPU) | event loop {loop_us[0]:.1f} / {loop_us[1]:.1f} µs/req, other "
-                      f"threads {others_ms[0]:.1f} / {others_ms[1]:.1f} ms/s | errors {errors}", flush=True)
+                      f"threads {others_ms[0]:.1f} / {others_ms[1]:.1f} ms/s, mean batch {mean_batch[0]:.2f} / {mean_batch[1]:.2f} "
+                      f"| errors {errors}", flush=True)
         finally:
             for srv in servers:
                 srv.stop()
@@ -248,13 +254,13 @@ def paired(fmt: str, a: str, b: str, rounds: int, seconds: float, conns: int, mo
         # taken as a fixed cost a second, which a server on a whole core pays once, not on half of it.
         whole = [(1 - o[1] / 1e3) / (1 - o[0] / 1e3) * lr for o, lr in zip(others, loop_ratios)]
         per_pair.append({"rps": rps_ratios, "cpu": cpu_ratios, "loop": loop_ratios, "whole": whole,
-                         "others_ms": others})
+                         "batch": batch_ratios, "others_ms": others})
     est = {key: (mean_ci(per_pair[0][key]) if pairs == 1 else mean_ci([mean_ci(p[key])[0] for p in per_pair]))
-           for key in ("rps", "cpu", "loop", "whole")}
+           for key in ("rps", "cpu", "loop", "whole", "batch")}
     out = {"model": model, "format": fmt, "a": a, "b": b, "rounds": rounds, "pairs": pairs, **est,
            "per_pair": per_pair}
     print(f"| {model} | {fmt} | {b} vs {a} | {_pct(est['rps'])} | {_pct(est['cpu'])} | {_pct(est['loop'])} | "
-          f"{_pct(est['whole'])} | {pairs} × {rounds} |", flush=True)
+          f"{_pct(est['whole'])} | {_pct(est['batch'])} | {pairs} × {rounds} |", flush=True)
     return out
 
 
@@ -366,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"paired: {args.pairs} pair(s) of servers × {args.rounds} rounds of {args.seconds:g} s after "
               f"{args.warmup:g} s of warm-up, {conns} connections per server, both servers on core 0 at once\n")
         print("| model | body | setting | req/s vs baseline [95% CI] | CPU per request, baseline's / its [95% CI] "
-              "| event loop per request | a whole core's req/s (other threads per second) | pairs × rounds |\n"
-              "|---|---|---|---|---|---|---|---|")
+              "| event loop per request | a whole core's req/s (other threads per second) | mean batch size "
+              "| pairs × rounds |\n|---|---|---|---|---|---|---|---|---|")
         out = [paired(fmt, args.paired_a, args.paired_b, args.rounds, args.seconds, conns, args.models.split(",")[0],
                       args.pairs, args.warmup) for fmt in args.formats.split(",")]
         Path(args.out).write_text(json.dumps({"paired": out}, indent=1))
