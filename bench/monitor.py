@@ -212,7 +212,7 @@ def paired(fmt: str, a: str, b: str, rounds: int, seconds: float, conns: int, mo
     is (1 - other threads' share of a core) / the loop's time per request: what each server would
     serve alone on a core, the other threads' work taken as a fixed cost a second."""
     body, path = http.bodies(model)[fmt], f"/v2/models/{model}/infer"
-    per_pair: list[tuple[list[float], list[float]]] = []
+    per_pair: list[dict[str, list]] = []  # per pair: each round's ratios, and its other threads' ms/s
     for k in range(pairs):
         slots = (a, b) if k % 2 == 0 else (b, a)
         started = [http.start_kiln([model], env=setting_env(x) or None) for x in slots]

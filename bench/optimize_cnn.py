@@ -54,9 +54,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / ".work" / "optimize_cnn.json")
     args = ap.parse_args(argv)
 
+    from backends.hw import choose_recipe, detect
     from optimize import prune, workload
     from optimize.bench import available_backends, measure
-    from backends.hw import choose_recipe, detect
     from optimize.source import export_module
 
     here = available_backends()

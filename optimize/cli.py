@@ -257,6 +257,7 @@ def quantize(
 ):
     """INT8 with the backend's own recipe on the calibration split; fp32 vs INT8 metric (compiled) and latency."""
     from backends import hw
+
     from . import quantize as q
     from .errors import OptimizeError
 

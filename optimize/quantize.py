@@ -22,8 +22,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import OptimizeError, StepFailed
 from backends.hw import Recipe
+
+from .errors import OptimizeError, StepFailed
 
 MODES = ("static", "dynamic")
 

@@ -342,9 +342,7 @@ def run_report(w, out: Path, *, backends: list[str] | None = None, max_drop: flo
                quick: bool = False, student: str | None = None, student_args: list[str] | None = None,
                space: list[str] | None = None, search_budget_ms: float | None = None, batch: int = 32, epochs: int = 10,
                runs: int | None = None, seed: int = 0, progress: bool = True, command: str = "", log=print) -> dict:
-    from backends import get_backend
-
-    from backends import hw
+    from backends import get_backend, hw
 
     from . import modelio
     from . import search as srch

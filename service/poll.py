@@ -239,7 +239,7 @@ class RepositoryPoller:
         rollout = scan.config.rollout
         if loaded and name in self.rollouts and self.rollouts[name] != rollout:
             log.info("poll: %s: rollout changed in config.yaml: %s", name,
-                     scan.config.rollout.model_dump(exclude_none=True) if scan.config.rollout else "none")
+                     rollout.model_dump(exclude_none=True) if rollout else "none")
             metrics.REPOSITORY_CHANGES.labels("rollout").inc()
             self.repo.set_rollout_config(name, rollout)
             changes += 1
