@@ -243,7 +243,7 @@ def test_a_model_loaded_again_is_observed_again_and_joins_feedback(env, data):
     """A version's batcher gets the monitor's observer on the version's first request
     (service/infer.py): a load builds new versions with new batchers, whose predictions must be
     indexed too, and those of the version it replaced are gone with it."""
-    srv, http = env["srv"], env["http"]
+    http = env["http"]
     x, y = data
     for i in range(4):
         assert http.post("/v2/models/digits-default/infer", json=body(x[i:i + 1], f"before-{i}")).status_code == 200
@@ -413,27 +413,32 @@ def test_export_feeds_quantize_and_the_int8_model_passes_its_gates(env, data):
                       headers={"Inference-Header-Content-Length": str(len(header))})
         assert r.status_code == 200, r.text
         fresh.append((f"export-{i}", rows, r))
-    wait_for(srv, lambda s: captured(s, "digits-cnn", "stored") >= before + 3)
-    # Labels for the captured requests (the eval labels of their rows).
+    # Labels for the captured requests (the eval labels of their rows), sent at once, as a client
+    # would: the fresh samples are still waiting for the worker's next write (one a second).
     kept = {rid: rows for rid, rows, _ in env["load"] + fresh}
     r = http.post("/v2/models/digits-cnn/feedback", json=[{"id": rid, "label": y[rows].tolist()}
                                                            for rid, rows in kept.items()])
     assert r.status_code == 200 and r.json()["joined"] == len(kept)
+    wait_for(srv, lambda s: captured(s, "digits-cnn", "stored") >= before + 3)
+    # The newest request's sample is the last the 128 KiB store evicts (older ones may go to make room).
+    fresh_rows = {x[i].tobytes() for i in fresh[-1][1]}
     out = env["tmp"] / "traffic.npz"
     deadline = time.monotonic() + 30
-    while True:  # samples and labels reach the store through the worker (samples: one write a second)
+    while True:  # labels reach the store through the worker, after the samples they label
         proc = subprocess.run([sys.executable, "-m", "service.cli", "monitor", "export", "digits-cnn", "--labelled",
                                "--out", str(out), "--store", str(env["store"])], capture_output=True, text=True,
                               cwd=ROOT, timeout=120, check=False)
         if proc.returncode == 0:
             with np.load(out) as f:
                 exported = {k: f[k] for k in f.files}
-            if len(exported["input"]) >= 32:
+            if fresh_rows <= {row.tobytes() for row in exported["input"]}:
                 break
         if time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # The newest request is exported with its label, though its feedback came before its sample was written.
+    assert fresh_rows <= {row.tobytes() for row in exported["input"]}
     assert set(exported) == {"input", "output.logits", "label"}
     n = len(exported["input"])
     assert n >= 32 and exported["label"].shape == (n,) and exported["output.logits"].shape == (n, 10)

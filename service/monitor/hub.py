@@ -354,6 +354,8 @@ class Monitor:
         self._thread: threading.Thread | None = None
         self._pending: list = []  # (ModelMonitor, Sample) waiting for the next write
         self._history: list[DriftRow] = []  # drift evaluations waiting for the next write
+        # Feedback for stored samples, written after the samples it may label (they wait up to WRITE_S).
+        self._pending_labels: list = []
         self._last_write = 0.0
         if not self.enabled:
             return
@@ -502,7 +504,7 @@ class Monitor:
                     self._request_block_flush(IDLE_S)
                 self._wake.clear()
             now = time.monotonic()
-            if (self._pending or self._history) and now - self._last_write >= WRITE_S:
+            if (self._pending or self._history or self._pending_labels) and now - self._last_write >= WRITE_S:
                 self._write_pending()
             if now - last_tick >= TICK_S:
                 last_tick = now
@@ -539,15 +541,22 @@ class Monitor:
                 samples.append((mon, Sample(mon.name, mon.version, rid, when, latency, inputs,
                                             {k: np.array(v) for k, v in outputs.items()})))
         self._pending += samples
-        if labels:
-            self.store.add_labels(labels)
+        self._pending_labels += labels
 
     def _write_pending(self) -> None:
         samples, self._pending = self._pending, []
         history, self._history = self._history, []
+        labels, self._pending_labels = self._pending_labels, []
         self._last_write = time.monotonic()
-        if not samples and not history:
-            return
+        if samples or history:
+            self._write_samples(samples, history)
+        if labels:
+            try:
+                self.store.add_labels(labels)
+            except Exception:
+                log.exception("monitor: writing %d feedback label(s) failed", len(labels))
+
+    def _write_samples(self, samples: list, history: list[DriftRow]) -> None:
         try:
             _, evicted, too_large = self.store.insert((s for _, s in samples), history)
         except Exception:
