@@ -29,6 +29,7 @@ from service.monitor.store import CaptureStore
 from tests.hardening_util import add_digits
 from tests.kiln_server import DEFAULT_REPO, ROOT, start_server
 from tests.metrics_util import scrape, value
+from tests.monitor_util import drift_history_after, export_labelled
 
 CAP = 128 * 1024
 INFER_TOKEN, METRICS_TOKEN, REPO_TOKEN = "mon-infer-token", "mon-metrics-token", "mon-repo-token"
@@ -328,24 +329,12 @@ def test_a_model_with_monitoring_off_or_a_zero_rate_captures_nothing(env, data):
 
 
 # -- drift -----------------------------------------------------------------------------------------
-def _drift_rows(store_dir: Path) -> list[dict]:
-    store = CaptureStore(store_dir, CAP, readonly=True)
-    try:
-        return store.drift_history("digits-drift")
-    finally:
-        store.close()
-
-
 def _send_and_wait(env, rows: np.ndarray, seen: int) -> list[dict]:
     """Send rows one request each; the drift evaluations once the detector has taken `seen` rows."""
     for i in range(len(rows)):
         r = env["http"].post("/v2/models/digits-drift/infer", json=body(rows[i:i + 1]))
         assert r.status_code == 200, r.text
-    deadline = time.monotonic() + 30
-    while not (history := _drift_rows(env["store"])) or history[-1]["detail"]["seen"] < seen:
-        assert time.monotonic() < deadline, history[-1:]
-        time.sleep(0.05)
-    return history
+    return drift_history_after(env["store"], "digits-drift", seen)
 
 
 def test_an_unshifted_stream_keeps_drift_at_0_and_a_1_std_shift_flips_it_within_the_window(env, data):
@@ -423,19 +412,8 @@ def test_export_feeds_quantize_and_the_int8_model_passes_its_gates(env, data):
     # The newest request's sample is the last the 128 KiB store evicts (older ones may go to make room).
     fresh_rows = {x[i].tobytes() for i in fresh[-1][1]}
     out = env["tmp"] / "traffic.npz"
-    deadline = time.monotonic() + 30
-    while True:  # labels reach the store through the worker, after the samples they label
-        proc = subprocess.run([sys.executable, "-m", "service.cli", "monitor", "export", "digits-cnn", "--labelled",
-                               "--out", str(out), "--store", str(env["store"])], capture_output=True, text=True,
-                              cwd=ROOT, timeout=120, check=False)
-        if proc.returncode == 0:
-            with np.load(out) as f:
-                exported = {k: f[k] for k in f.files}
-            if fresh_rows <= {row.tobytes() for row in exported["input"]}:
-                break
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    proc, exported = export_labelled(env["store"], "digits-cnn", out,
+                                     lambda a: fresh_rows <= {row.tobytes() for row in a["input"]})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # The newest request is exported with its label, though its feedback came before its sample was written.
     assert fresh_rows <= {row.tobytes() for row in exported["input"]}

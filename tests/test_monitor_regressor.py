@@ -7,9 +7,6 @@ samples; drift is reported per element of each input and flips on a 1-std shift 
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -19,9 +16,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from sklearn.datasets import load_diabetes
 
-from service.monitor.store import CaptureStore
-from tests.kiln_server import ROOT, start_server
+from tests.kiln_server import start_server
 from tests.metrics_util import scrape, value
+from tests.monitor_util import drift_history, drift_history_after, export_labelled
 
 MODEL = "diabetes"
 
@@ -102,19 +99,9 @@ def test_live_mae_equals_offline_mae_and_prompt_labels_are_exported_with_their_s
     r = http.post(f"/v2/models/{MODEL}/feedback", json={"id": "r-0", "label": "high"})
     assert r.status_code == 400 and "regressor" in r.json()["error"]
 
-    exported = env["tmp"] / "labelled.npz"
-    deadline = time.monotonic() + 30
-    while True:  # samples and labels reach the store through the worker (one write a second)
-        proc = subprocess.run([sys.executable, "-m", "service.cli", "monitor", "export", MODEL, "--labelled",
-                               "--out", str(exported), "--store", str(env["store"])],
-                              capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
-        if proc.returncode == 0:
-            with np.load(exported) as f:
-                arrays = {k: f[k] for k in f.files}
-            if len(arrays["clinical"]) == n or time.monotonic() > deadline:
-                break
-        assert time.monotonic() < deadline, proc.stdout + proc.stderr
-        time.sleep(0.2)
+    proc, arrays = export_labelled(env["store"], MODEL, env["tmp"] / "labelled.npz",
+                                   lambda a: len(a["clinical"]) == n)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert set(arrays) == {"clinical", "serum", "output.risk", "label"}
     assert len(arrays["clinical"]) == n, "every request was captured and labelled"
     np.testing.assert_array_equal(arrays["clinical"], held["clinical"])  # oldest first: the order sent
@@ -123,29 +110,17 @@ def test_live_mae_equals_offline_mae_and_prompt_labels_are_exported_with_their_s
     np.testing.assert_array_equal(arrays["label"].ravel().astype(np.float32), held["y"])
 
 
-def _drift_history(store_dir: Path) -> list[dict]:
-    store = CaptureStore(store_dir, 1 << 30, readonly=True)
-    try:
-        return store.drift_history(MODEL)
-    finally:
-        store.close()
-
-
 def _send(env, clinical: np.ndarray, serum: np.ndarray, seen: int) -> list[dict]:
     """Rows in batches of 5; the drift evaluations once the detector has taken `seen` rows."""
     for i in range(0, len(clinical), 5):
         infer(env["http"], clinical[i:i + 5], serum[i:i + 5])
-    deadline = time.monotonic() + 30
-    while not (history := _drift_history(env["store"])) or history[-1]["detail"]["seen"] < seen:
-        assert time.monotonic() < deadline, history[-1:]
-        time.sleep(0.05)
-    return history
+    return drift_history_after(env["store"], MODEL, seen)
 
 
 def test_drift_is_per_input_element_and_a_shift_on_two_clinical_features_is_found(env):
     held = env["held"]
     rng = np.random.default_rng(7)
-    before = _drift_history(env["store"])
+    before = drift_history(env["store"], MODEL)
     start = before[-1]["detail"]["seen"] if before else 0  # the rows of the test above
     # 250 fresh rows (a whole window) drawn from the held-out half: the reference's distribution.
     pick = rng.integers(len(held["y"]), size=250)
